@@ -1,0 +1,1 @@
+"""Typed configuration: the single source of truth for every setting."""

@@ -1,0 +1,1 @@
+"""The data layer: read -> records -> render -> tokenize -> collate (+ stats, split)."""

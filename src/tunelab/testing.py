@@ -1,0 +1,87 @@
+"""Tiny tokenizers and models built in-process, for tests and benchmarks (no hub needed).
+
+The tokenizers are real byte-level BPE tokenizers (the kind Llama 3, Qwen and SmolLM use),
+trained in a fraction of a second on a small built-in corpus, with the special tokens and chat
+templates of two common families:
+
+* ``chatml``: ``<|im_start|>``/``<|im_end|>`` turns, BOS = ``<|im_start|>``, EOS = PAD =
+  ``<|im_end|>`` (like SmolLM2-Instruct, where pad equals EOS);
+* ``llama3``: a separate ``<|begin_of_text|>`` BOS that the template writes once, turns closed
+  by ``<|eot_id|>`` (the EOS), PAD ``<|finetune_pad|>``;
+* ``base``: no chat template at all (tunelab's default template applies).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. Extract the name, age and city as JSON.
+{"name": "Maria Lopez", "age": 34, "city": "Lisbon", "email": "maria@example.com"}
+You are a helpful assistant. What is the capital of France? Paris is the capital of France.
+Translate to French: good morning. Bonjour. Summarise the text in one sentence, please.
+SELECT name FROM users WHERE age > 30 ORDER BY name; count the rows, then answer.
+0123456789 user assistant system instruction input output response question answer.
+"""
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+_SPECIALS = {
+    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|finetune_pad|>"],
+    "base": ["<s>", "</s>", "<pad>"],
+}
+
+
+@lru_cache(maxsize=None)
+def _backend(kind: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=_SPECIALS[kind],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(kind: str = "chatml"):
+    """A fresh ``PreTrainedTokenizerFast`` of the given family (see the module docstring)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(_backend(kind))
+    if kind == "chatml":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+            pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+        )  # fmt: skip
+    if kind == "llama3":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+            pad_token="<|finetune_pad|>", chat_template=LLAMA3_TEMPLATE,
+            additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"],
+        )  # fmt: skip
+    if kind == "base":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        )
+    raise ValueError(f"unknown tiny tokenizer kind {kind!r}")
