@@ -206,6 +206,9 @@ class _Encoder:
             resp[idx] = weight > 0
             j = idx[-1] + 1
             # The special token that closes the reply (EOS / end-of-turn), skipping only whitespace.
+            # (A span from prefix rendering already ends with it.)
+            if is_special[idx[-1]]:
+                j, e = idx[-1], starts[idx[-1]]
             while j < len(ids) and not is_special[j] and not text[starts[j] : ends[j]].strip():
                 j += 1
             if j < len(ids) and is_special[j] and not text[e : starts[j]].strip():

