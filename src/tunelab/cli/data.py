@@ -57,8 +57,11 @@ def check(
     strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when there are warnings."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Validate every record and print statistics: formats, token lengths, truncation,
-    duplicates, instruction diversity, and train/eval overlap."""
+    """Validate every record and print statistics.
+
+    Formats, token lengths against max_seq_len and what truncation does, duplicates,
+    instruction diversity, and overlap with an eval file.
+    """
     from tunelab.data.pipeline import load_examples
     from tunelab.data.stats import compute_overlap, compute_stats, render_stats
 
@@ -96,8 +99,10 @@ def split(
     format: str | None = _FORMAT,
     config: Path | None = _CONFIG,
 ) -> None:
-    """Split a file into train/val/test JSONL files, deterministically, keeping duplicates and
-    records with the same prompt in the same split (no leakage)."""
+    """Split a file into train/val/test JSONL files, deterministically.
+
+    Records with the same (normalised) prompt always land in the same split: no leakage.
+    """
     from tunelab.data.pipeline import load_examples
     from tunelab.data.read import read_rows
     from tunelab.data.split import split_indices, write_jsonl_atomic_many
@@ -129,8 +134,10 @@ def preview(
     format: str | None = _FORMAT,
     config: Path | None = _CONFIG,
 ) -> None:
-    """Show records as the model sees them: response tokens (weight 1) in green, prompt tokens
-    (prompt_loss_weight) dim, weight-0 tokens struck through."""
+    """Show records as the model sees them, coloured by loss weight.
+
+    Response tokens (weight 1) green, prompt tokens (prompt_loss_weight) dim, weight 0 struck.
+    """
     from tunelab.data.pipeline import load_examples
 
     cfg = _data_config(config, format=format)
