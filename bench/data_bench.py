@@ -32,7 +32,13 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             user = " ".join(rng.choices(WORDS, k=rng.randint(70, 110)))
-            reply = json.dumps({"id": i, "city": rng.choice(WORDS), "items": rng.choices(WORDS, k=rng.randint(20, 40))})
+            reply = json.dumps(
+                {
+                    "id": i,
+                    "city": rng.choice(WORDS),
+                    "items": rng.choices(WORDS, k=rng.randint(20, 40)),
+                }
+            )
             row = {
                 "messages": [
                     {"role": "system", "content": "Extract the order as JSON."},
@@ -44,7 +50,9 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     args = ap.parse_args()
@@ -65,22 +73,39 @@ def main() -> None:
         t1 = time.perf_counter()
         report = tokenize_examples(examples, tokenizer, cfg)
         t2 = time.perf_counter()
-        stats = compute_stats(examples, report, max_seq_len=cfg.max_seq_len, truncation=cfg.truncation)
+        stats = compute_stats(
+            examples, report, max_seq_len=cfg.max_seq_len, truncation=cfg.truncation
+        )
         t3 = time.perf_counter()
         tokens = sum(report.lengths)
-        cmd = [sys.executable, "-m", "tunelab", "data", "check", str(path), "--model", args.model, "--json", "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "data",
+            "check",
+            str(path),
+            "--model",
+            args.model,
+            "--json",
+            "-q",
+        ]
         e0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ})
         e1 = time.perf_counter()
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    )
     print(f"data: {args.records} chat records, {size / 2**20:.1f} MiB, {tokens} tokens "
           f"(median {stats.length['median']:.0f} per record), tokenizer {args.model}")  # fmt: skip
     print(f"read + validate : {t1 - t0:6.2f} s")
     print(f"tokenise+weights: {t2 - t1:6.2f} s  ({tokens / (t2 - t1) / 1e3:.0f}k tokens/s)")
     print(f"statistics      : {t3 - t2:6.2f} s")
     print(f"in-process total: {t3 - t0:6.2f} s  ({args.records / (t3 - t0):.0f} records/s)")
-    print(f"`tunelab data check --model` end to end (incl. start-up, tokenizer load): {e1 - e0:.2f} s")
+    print(
+        f"`tunelab data check --model` end to end (incl. start-up, tokenizer load): {e1 - e0:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
 
 
 class DataError(TunelabError):
@@ -36,7 +38,9 @@ class DataError(TunelabError):
 
     ``problems`` keeps every problem found (the message shows the first ``cap``)."""
 
-    def __init__(self, problems: list[Problem] | Problem, *, total: int | None = None, cap: int = 20):
+    def __init__(
+        self, problems: list[Problem] | Problem, *, total: int | None = None, cap: int = 20
+    ):
         self.problems = [problems] if isinstance(problems, Problem) else list(problems)
         self.total = total if total is not None else len(self.problems)
         lines = [str(p) for p in self.problems[:cap]]

@@ -13,7 +13,7 @@ templates of two common families:
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. Extract the name, age and city as JSON.
@@ -41,12 +41,18 @@ LLAMA3_TEMPLATE = (
 
 _SPECIALS = {
     "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-    "llama3": ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|finetune_pad|>"],
+    "llama3": [
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|finetune_pad|>",
+    ],
     "base": ["<s>", "</s>", "<pad>"],
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _backend(kind: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -15,7 +15,9 @@ def error_of(*args) -> str:
 def test_defaults_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("data:\n  path: train.jsonl\n  max_seq_len: 512\n")
-    cfg = load_config(p, ["data.prompt_loss_weight=0.25", "data.truncation=truncate", "model.name=./m"])
+    cfg = load_config(
+        p, ["data.prompt_loss_weight=0.25", "data.truncation=truncate", "model.name=./m"]
+    )
     assert cfg.data.path == "train.jsonl" and cfg.data.max_seq_len == 512
     assert cfg.data.prompt_loss_weight == 0.25 and cfg.data.truncation == "truncate"
     assert cfg.model.name == "./m"

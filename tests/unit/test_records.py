@@ -65,7 +65,10 @@ def test_csv_rows_and_json_cells(write):
     examples = parse(p)
     assert [e.source.line for e in examples] == [2, 4]
     assert examples[0].messages[-2].content == "Add\n\n1, 2"
-    p2 = write("m.csv", 'messages\n"[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""yo""}]"\n')
+    p2 = write(
+        "m.csv",
+        'messages\n"[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""yo""}]"\n',
+    )
     assert parse(p2)[0].format == "chat"
 
 
@@ -106,7 +109,10 @@ def test_chat_style_preference_uses_the_shared_prefix(write):
 
 
 def test_system_prompt_from_config_and_record(write):
-    p = write("d.jsonl", '{"instruction": "i", "output": "o"}\n{"instruction": "i", "output": "o", "system": "own"}\n')
+    p = write(
+        "d.jsonl",
+        '{"instruction": "i", "output": "o"}\n{"instruction": "i", "output": "o", "system": "own"}\n',
+    )
     a, b = parse(p, system_prompt="cfg")
     assert a.messages[0].content == "cfg" and b.messages[0].content == "own"
 
@@ -147,7 +153,9 @@ def test_every_bad_record_is_listed_and_capped(write):
     with pytest.raises(DataError) as e:
         parse(p)
     assert e.value.total == 30
-    assert f"{p}:20: output: missing" in str(e.value) and "... and 10 more problem(s)" in str(e.value)
+    assert f"{p}:20: output: missing" in str(e.value) and "... and 10 more problem(s)" in str(
+        e.value
+    )
 
 
 def test_forced_format_validates_against_it(write):

@@ -79,7 +79,9 @@ def test_eos_is_trained_when_pad_equals_eos():
     length = int(batch.attention_mask[1].sum())
     assert batch.input_ids[1, length - 1] == tok.eos_token_id
     assert row[length - 1] == 1.0  # the real EOS is trained ...
-    assert (row[length:] == 0).all() and (batch.input_ids[1, length:] == tok.eos_token_id).all()  # ... padding is not
+    assert (row[length:] == 0).all() and (
+        batch.input_ids[1, length:] == tok.eos_token_id
+    ).all()  # ... padding is not
 
 
 def test_text_format_appends_eos(tokenizer):
@@ -185,7 +187,9 @@ def test_error_policy_names_the_row(tokenizer):
 # -- collate -----------------------------------------------------------------------------------
 def test_collate_left_padding_and_positions(tokenizer):
     a, b = enc(tokenizer, MULTI), enc(tokenizer, chat("Hi", "Hello"))
-    batch = collate([a, b], pad_id=tokenizer.pad_token_id, padding_side="left", pad_to_multiple_of=8)
+    batch = collate(
+        [a, b], pad_id=tokenizer.pad_token_id, padding_side="left", pad_to_multiple_of=8
+    )
     width = batch.input_ids.shape[1]
     assert width % 8 == 0 and width >= len(a)
     assert batch.attention_mask[1, : width - len(b)].sum() == 0

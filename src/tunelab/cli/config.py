@@ -14,7 +14,9 @@ app = typer.Typer(help="Show and validate configurations.", no_args_is_help=True
 @app.command("show")
 def show(
     config: Path | None = typer.Argument(None, help="A YAML config file (optional)."),
-    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. data.max_seq_len=512."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides, e.g. data.max_seq_len=512."
+    ),
 ) -> None:
     """Validate a config and print it resolved, with every default filled in."""
     if config is not None and "=" in str(config):  # only overrides were given

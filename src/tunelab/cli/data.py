@@ -15,8 +15,12 @@ from tunelab.config.schema import DataConfig
 
 app = typer.Typer(help="Check, split and preview data files.", no_args_is_help=True)
 
-_CONFIG = typer.Option(None, "--config", "-c", help="Read data settings (format, columns, ...) from this YAML config.")
-_FORMAT = typer.Option(None, "--format", help="Force a record format: alpaca, chat, preference, kto, text.")
+_CONFIG = typer.Option(
+    None, "--config", "-c", help="Read data settings (format, columns, ...) from this YAML config."
+)
+_FORMAT = typer.Option(
+    None, "--format", help="Force a record format: alpaca, chat, preference, kto, text."
+)
 
 
 def _data_config(config: Path | None, **flags) -> DataConfig:
@@ -46,15 +50,27 @@ def _tokenize(examples, model: str, cfg: DataConfig, console: Console, quiet: bo
 @app.command("check")
 def check(
     file: Path = typer.Argument(..., help="A .jsonl, .json (array) or .csv data file."),
-    eval_file: Path | None = typer.Option(None, "--eval", help="A held-out file: count its overlap with FILE."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Count tokens with this model's tokenizer."),
-    max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="Sequence limit (default 1024)."),
-    truncation: str | None = typer.Option(None, "--truncation", help="drop | truncate_prompt | truncate | error"),
+    eval_file: Path | None = typer.Option(
+        None, "--eval", help="A held-out file: count its overlap with FILE."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Count tokens with this model's tokenizer."
+    ),
+    max_seq_len: int | None = typer.Option(
+        None, "--max-seq-len", help="Sequence limit (default 1024)."
+    ),
+    truncation: str | None = typer.Option(
+        None, "--truncation", help="drop | truncate_prompt | truncate | error"
+    ),
     format: str | None = _FORMAT,
     config: Path | None = _CONFIG,
-    diversity_threshold: float = typer.Option(0.5, help="Warn when one instruction covers more than this share."),
+    diversity_threshold: float = typer.Option(
+        0.5, help="Warn when one instruction covers more than this share."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON to stdout."),
-    strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when there are warnings."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit with code 1 when there are warnings."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Validate every record and print statistics.
@@ -73,7 +89,13 @@ def check(
     if model:
         # Checking never fails on an over-long record: it reports what the policy would do.
         policy = "drop" if cfg.truncation == "error" else cfg.truncation
-        _, report = _tokenize(examples, model, cfg.model_copy(update={"truncation": policy}), console, quiet or as_json)
+        _, report = _tokenize(
+            examples,
+            model,
+            cfg.model_copy(update={"truncation": policy}),
+            console,
+            quiet or as_json,
+        )
     stats = compute_stats(
         examples, report, max_seq_len=cfg.max_seq_len, truncation=cfg.truncation,
         diversity_threshold=diversity_threshold,
@@ -93,9 +115,13 @@ def check(
 @app.command("split")
 def split(
     file: Path = typer.Argument(..., help="The data file to split."),
-    ratios: str = typer.Option("0.7,0.15,0.15", help="Shares of train,val,test (two or three numbers)."),
+    ratios: str = typer.Option(
+        "0.7,0.15,0.15", help="Shares of train,val,test (two or three numbers)."
+    ),
     seed: int = typer.Option(42, help="Same seed, same split, on any machine."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: next to FILE)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder (default: next to FILE)."
+    ),
     format: str | None = _FORMAT,
     config: Path | None = _CONFIG,
 ) -> None:
@@ -111,7 +137,9 @@ def split(
     try:
         shares = [float(x) for x in ratios.split(",")]
     except ValueError:
-        raise ConfigError(f"--ratios {ratios!r}: expected comma-separated numbers, e.g. 0.7,0.15,0.15") from None
+        raise ConfigError(
+            f"--ratios {ratios!r}: expected comma-separated numbers, e.g. 0.7,0.15,0.15"
+        ) from None
     if len(shares) not in (2, 3):
         raise ConfigError(f"--ratios {ratios!r}: expected two or three shares (train,val[,test])")
     cfg = _data_config(config, format=format)
@@ -121,15 +149,19 @@ def split(
     names = ("train", "val", "test")[: len(shares)]
     folder = out or file.parent / f"{file.stem}_split"
     targets = [folder / f"{name}.jsonl" for name in names]
-    write_jsonl_atomic_many([(path, [rows[i].fields for i in idx]) for path, idx in zip(targets, parts)])
-    for path, idx in zip(targets, parts):
+    write_jsonl_atomic_many(
+        [(path, [rows[i].fields for i in idx]) for path, idx in zip(targets, parts, strict=True)]
+    )
+    for path, idx in zip(targets, parts, strict=True):
         print(f"{path}: {len(idx)} records")
 
 
 @app.command("preview")
 def preview(
     file: Path = typer.Argument(..., help="A data file."),
-    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="Tokenizer to render with."),
+    model: str = typer.Option(
+        "smollm2-135m-instruct", "--model", "-m", help="Tokenizer to render with."
+    ),
     n: int = typer.Option(1, "-n", help="How many records to show."),
     format: str | None = _FORMAT,
     config: Path | None = _CONFIG,
@@ -145,7 +177,9 @@ def preview(
     examples = load_examples(file, cfg)[:n]
     tokenizer, report = _tokenize(examples, model, cfg, console, True)
     for tex in report.examples:
-        console.rule(f"{tex.example.source}  ({len(tex.seq)} tokens, prompt_loss_weight {cfg.prompt_loss_weight})")
+        console.rule(
+            f"{tex.example.source}  ({len(tex.seq)} tokens, prompt_loss_weight {cfg.prompt_loss_weight})"
+        )
         console.print(_colour(tokenizer, tex.seq))
         if tex.rejected is not None:
             console.rule("rejected")
@@ -154,7 +188,7 @@ def preview(
 
 def _colour(tokenizer, seq) -> Text:
     text = Text()
-    for tid, w in zip(seq.input_ids.tolist(), seq.weights.tolist()):
+    for tid, w in zip(seq.input_ids.tolist(), seq.weights.tolist(), strict=True):
         piece = tokenizer.decode([tid])
         style = "bold green" if w == 1.0 else ("strike dim" if w == 0.0 else "dim")
         text.append(piece, style=style)

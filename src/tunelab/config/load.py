@@ -60,7 +60,9 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), found {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (model:, data:, ...), found {type(data).__name__}"
+        )
     lines: dict[tuple, int] = {}
     _collect_lines(node, (), lines)
     return data, lines
@@ -77,7 +79,9 @@ def _collect_lines(node, prefix: tuple, out: dict[tuple, int]) -> None:
 def _parse_override(item: str) -> tuple[tuple, Any]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. data.max_seq_len=512")
+        raise ConfigError(
+            f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. data.max_seq_len=512"
+        )
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -90,13 +94,17 @@ def _set_dotted(raw: dict, key: tuple, value: Any, item: str) -> None:
     for i, part in enumerate(key[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(key[: i + 1])} is a value, not a section")
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(key[: i + 1])} is a value, not a section"
+            )
         node = child
     node[key[-1]] = value
 
 
 # -- errors ---------------------------------------------------------------------------------
-def _format_errors(e: ValidationError, source: str, lines: dict[tuple, int], origin: dict[tuple, str]) -> str:
+def _format_errors(
+    e: ValidationError, source: str, lines: dict[tuple, int], origin: dict[tuple, str]
+) -> str:
     out = []
     for err in e.errors():
         loc = tuple(str(p) for p in err["loc"])

@@ -28,9 +28,15 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: str | None = Field(None, description="Training data: a .jsonl, .json (array) or .csv file.")
-    val_path: str | None = Field(None, description="Validation file; when unset, val_ratio of path is held out.")
-    val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share held out for validation when val_path is unset.")
+    path: str | None = Field(
+        None, description="Training data: a .jsonl, .json (array) or .csv file."
+    )
+    val_path: str | None = Field(
+        None, description="Validation file; when unset, val_ratio of path is held out."
+    )
+    val_ratio: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share held out for validation when val_path is unset."
+    )
     format: Literal["auto", "alpaca", "chat", "preference", "kto", "text"] = Field(
         "auto", description="Record format; auto detects it from each record's fields."
     )
@@ -40,9 +46,12 @@ class DataConfig(Section):
     )
     system_prompt: str | None = Field(None, description="System prompt for records that have none.")
     chat_template: str | None = Field(
-        None, description="A Jinja chat template replacing the tokenizer's (default: the tokenizer's own)."
+        None,
+        description="A Jinja chat template replacing the tokenizer's (default: the tokenizer's own).",
     )
-    train_on: Literal["all", "last"] = Field("all", description="Train every assistant turn, or only the last.")
+    train_on: Literal["all", "last"] = Field(
+        "all", description="Train every assistant turn, or only the last."
+    )
     prompt_loss_weight: float = Field(
         0.1, ge=0.0, le=1.0,
         description="Loss weight of prompt tokens (system, user, template) relative to response tokens.",
@@ -59,13 +68,17 @@ class DataConfig(Section):
     def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
         for ours in value:
             if ours not in RECORD_FIELDS:
-                raise ValueError(f"unknown record field {ours!r} (expected one of: {', '.join(RECORD_FIELDS)})")
+                raise ValueError(
+                    f"unknown record field {ours!r} (expected one of: {', '.join(RECORD_FIELDS)})"
+                )
         return value
 
 
 class Config(Section):
     """The whole configuration of a tunelab run."""
 
-    name: str | None = Field(None, description="Run name (default: derived from the data and time).")
+    name: str | None = Field(
+        None, description="Run name (default: derived from the data and time)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -61,5 +61,8 @@ def collate(
         weights[i, cols] = s.weights
         positions[i, cols] = np.arange(length)
     return Batch(
-        torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(weights), torch.from_numpy(positions)
+        torch.from_numpy(ids),
+        torch.from_numpy(mask),
+        torch.from_numpy(weights),
+        torch.from_numpy(positions),
     )

@@ -19,7 +19,9 @@ from tunelab.data.tokenize import EncodeOptions, EncodeReport, encode
 def load_examples(path: str | Path, cfg: DataConfig) -> list[Example]:
     """Read and validate every record of a file (raises DataError listing the bad rows)."""
     rows = read_rows(path)
-    return parse_examples(rows, format=cfg.format, columns=cfg.columns, system_prompt=cfg.system_prompt)
+    return parse_examples(
+        rows, format=cfg.format, columns=cfg.columns, system_prompt=cfg.system_prompt
+    )
 
 
 def encode_options(cfg: DataConfig) -> EncodeOptions:

@@ -126,9 +126,13 @@ def _read_json_array(file: str, text: str) -> list[Row]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(Problem(file, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")) from None
+            raise DataError(
+                Problem(file, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            ) from None
         raise DataError(
-            Problem(file, 1, None, f"expected a JSON array of records, found {type(value).__name__}")
+            Problem(
+                file, 1, None, f"expected a JSON array of records, found {type(value).__name__}"
+            )
         )
     rows: list[Row] = []
     line, counted = 1, 0

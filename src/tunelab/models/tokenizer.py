@@ -34,7 +34,9 @@ def load_tokenizer(name_or_path: str):
         try:
             return AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise ModelError(f"{path}: no usable tokenizer in this folder ({_first_line(e)})") from None
+            raise ModelError(
+                f"{path}: no usable tokenizer in this folder ({_first_line(e)})"
+            ) from None
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         raise ModelError(
             f"{name_or_path}: not a model folder or .gguf file (catalog models: {', '.join(catalog.CATALOG)})"
@@ -54,7 +56,9 @@ def _from_gguf(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a corrupt file fails deep inside gguf
-        raise ModelError(f"{path}: could not read a tokenizer from this GGUF file ({_first_line(e)})") from None
+        raise ModelError(
+            f"{path}: could not read a tokenizer from this GGUF file ({_first_line(e)})"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:
