@@ -148,9 +148,11 @@ LONG = chat("word " * 60, "short answer")
 
 def test_drop_policy_counts_and_drops(tokenizer):
     short = chat("Hi", "Hello")
-    report = encode([LONG, short], tokenizer, EncodeOptions(max_seq_len=30, truncation="drop"))
+    limit = len(enc(tokenizer, short)) + 2
+    report = encode([LONG, short], tokenizer, EncodeOptions(max_seq_len=limit, truncation="drop"))
     assert len(report.examples) == 1 and sum(report.dropped.values()) == 1
-    assert "max_seq_len 30" in next(iter(report.dropped))
+    assert report.examples[0].example is short
+    assert f"max_seq_len {limit}" in next(iter(report.dropped))
 
 
 def test_truncate_prompt_keeps_the_whole_response(tokenizer):
@@ -165,12 +167,16 @@ def test_truncate_prompt_keeps_the_whole_response(tokenizer):
 
 
 def test_truncate_never_yields_an_example_without_trained_tokens(tokenizer):
-    with pytest.raises(DataError, match="no example is left"):
-        encode([LONG], tokenizer, EncodeOptions(max_seq_len=20, truncation="truncate"))
+    prompt_len = int(enc(tokenizer, LONG).response.argmax())
+    with pytest.raises(DataError, match="no trained token left after truncating"):
+        encode([LONG], tokenizer, EncodeOptions(max_seq_len=prompt_len, truncation="truncate"))
     ok = chat("Hi", "a long answer " * 20)
-    report = encode([ok], tokenizer, EncodeOptions(max_seq_len=25, truncation="truncate"))
+    full = enc(tokenizer, ok)
+    limit = int(full.response.argmax()) + 5  # the prompt and five reply tokens
+    report = encode([ok], tokenizer, EncodeOptions(max_seq_len=limit, truncation="truncate"))
     seq = report.examples[0].seq
-    assert len(seq) == 25 and seq.response.any() and report.truncated == 1
+    assert len(seq) == limit and seq.response.sum() == 5 and report.truncated == 1
+    assert seq.input_ids.tolist() == full.input_ids[:limit].tolist()
 
 
 def test_response_longer_than_limit_is_dropped_under_truncate_prompt(tokenizer):

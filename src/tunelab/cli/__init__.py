@@ -47,7 +47,9 @@ def _root(
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int):  # click returns a typer.Exit's code in this mode
+            return result
     except TunelabError as e:
         Console(stderr=True, highlight=False, soft_wrap=True).print(
             f"[bold red]error:[/] {e}", markup=True
@@ -58,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except typer.TyperException as e:  # usage errors: missing argument, bad option value
+        e.show()
+        return e.exit_code
     return 0
 
 

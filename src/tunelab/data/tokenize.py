@@ -126,7 +126,8 @@ class _Encoder:
             seq, why = self._weights(
                 texts[j], enc["input_ids"][j], enc["offset_mapping"][j], spans[j], examples[owner]
             )
-            lengths[owner] = max(lengths.get(owner, 0), len(enc["input_ids"][j]))
+            length = len(seq) if seq is not None else len(enc["input_ids"][j])
+            lengths[owner] = max(lengths.get(owner, 0), length)
             if seq is not None:
                 seq, why = self._truncate(seq, examples[owner], report)
             if seq is None:
