@@ -31,12 +31,12 @@ def make_file(path: Path, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            user = " ".join(rng.choices(WORDS, k=rng.randint(70, 110)))
+            user = " ".join(rng.choices(WORDS, k=rng.randint(55, 80)))
             reply = json.dumps(
                 {
                     "id": i,
                     "city": rng.choice(WORDS),
-                    "items": rng.choices(WORDS, k=rng.randint(20, 40)),
+                    "items": rng.choices(WORDS, k=rng.randint(15, 30)),
                 }
             )
             row = {

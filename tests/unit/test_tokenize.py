@@ -202,3 +202,15 @@ def test_collate_left_padding_and_positions(tokenizer):
     assert batch.position_ids[1, -len(b) :].tolist() == list(range(len(b)))
     assert batch.loss_weights[1, -len(b) :].tolist() == b.weights.tolist()
     assert batch.num_tokens == len(a) + len(b)
+
+
+def test_fast_renderer_matches_apply_chat_template(tokenizer):
+    from tunelab.data.render import Renderer, render
+
+    r = Renderer(tokenizer)
+    assert r._fast is not None  # the fast path is in use for ordinary templates
+    tricky = chat("Quote: <|im_end|> </s> <|eot_id|>", "ok", system="s")
+    for ex in (MULTI, tricky):
+        for gen in (False, True):
+            msgs = ex.messages if not gen else ex.messages[:-1]
+            assert r(msgs, add_generation_prompt=gen) == render(tokenizer, msgs, add_generation_prompt=gen)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tunelab.data.records import Example, Message
-from tunelab.data.render import as_dicts, render
+from tunelab.data.render import Renderer
 from tunelab.errors import DataError, Problem
 
 TRUNCATION = ("drop", "truncate_prompt", "truncate", "error")
@@ -104,9 +104,13 @@ class _Encoder:
         self.tok = tokenizer
         self.opt = options
         self.eos = tokenizer.eos_token_id
-        self.special = np.array(
-            sorted(set(tokenizer.all_special_ids) | _added_special_ids(tokenizer))
-        )
+        self.render = Renderer(tokenizer)
+        self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: batch encode, char maps
+        vocab = max(len(tokenizer), self.backend.get_vocab_size(with_added_tokens=True))
+        self.is_special = np.zeros(vocab + 1, dtype=bool)
+        self.is_special[sorted(set(tokenizer.all_special_ids) | _added_special_ids(tokenizer))] = True
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.text_bos = tokenizer.bos_token_id if probe[:1] == [tokenizer.bos_token_id] else None
 
     # -- one chunk ---------------------------------------------------------------------------
     def encode_chunk(self, examples: Sequence[Example], report: EncodeReport) -> None:
@@ -118,18 +122,17 @@ class _Encoder:
                 texts.append(text)
                 spans.append(sp)
                 owners.append(i)
-        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         seqs: dict[int, list[Encoded | None]] = {}
         lengths: dict[int, int] = {}
         reasons: dict[int, str] = {}
         for j, owner in enumerate(owners):
-            seq, why = self._weights(
-                texts[j], enc["input_ids"][j], enc["offset_mapping"][j], spans[j], examples[owner]
-            )
-            length = len(seq) if seq is not None else len(enc["input_ids"][j])
+            ex = examples[owner]
+            seq, why = self._weights(texts[j], encodings[j], spans[j], ex)
+            length = len(seq) if seq is not None else len(encodings[j].ids)
             lengths[owner] = max(lengths.get(owner, 0), length)
             if seq is not None:
-                seq, why = self._truncate(seq, examples[owner], report)
+                seq, why = self._truncate(seq, ex, report)
             if seq is None:
                 reasons.setdefault(owner, why)
             seqs.setdefault(owner, []).append(seq)
@@ -146,9 +149,7 @@ class _Encoder:
     # -- text and spans ----------------------------------------------------------------------
     def _texts(self, ex: Example) -> list[tuple[str, list[tuple[int, int, float]]]]:
         if ex.format == "text":
-            bos = self.tok.bos_token or ""
-            body = ex.text or ""
-            return [(bos + body if bos and not body.startswith(bos) else body, [(0, -1, 1.0)])]
+            return [(ex.text or "", [])]
         if ex.format == "preference":
             return [
                 self._conversation(ex.messages + [Message("assistant", ex.chosen or "")]),
@@ -167,7 +168,7 @@ class _Encoder:
     def _conversation(self, messages: list[Message]) -> tuple[str, list[tuple[int, int, float]]]:
         """Render once and locate each reply's content in the text (fast path), else fall back
         to rendering growing prefixes (templates that rewrite the content)."""
-        text = render(self.tok, messages)
+        text = self.render(messages)
         spans: list[tuple[int, int, float]] = []
         cursor = 0
         for i, m in enumerate(messages):
@@ -184,10 +185,8 @@ class _Encoder:
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 continue
-            head = self.tok.apply_chat_template(
-                as_dicts(messages[:i]), tokenize=False, add_generation_prompt=True
-            )
-            upto = render(self.tok, messages[: i + 1])
+            head = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
             if not (text.startswith(upto) and upto.startswith(head)):
                 raise DataError(
                     Problem(
@@ -201,38 +200,37 @@ class _Encoder:
         return spans
 
     # -- weights -----------------------------------------------------------------------------
-    def _weights(self, text, ids, offsets, spans, ex: Example) -> tuple[Encoded | None, str]:
-        ids = np.asarray(ids, dtype=np.int64)
+    def _weights(self, text: str, enc, spans, ex: Example) -> tuple[Encoded | None, str]:
+        ids = np.array(enc.ids, dtype=np.int64)
+        n = len(ids)
         if ex.format == "text":
+            if self.text_bos is not None and (n == 0 or ids[0] != self.text_bos):
+                ids = np.insert(ids, 0, self.text_bos)
             if self.eos is not None and (len(ids) == 0 or ids[-1] != self.eos):
                 ids = np.append(ids, self.eos)
             return Encoded(ids, np.ones(len(ids), np.float32), np.ones(len(ids), bool)), ""
-        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        starts, ends = off[:, 0], off[:, 1]
-        w = np.full(len(ids), self.opt.prompt_loss_weight, dtype=np.float32)
-        resp = np.zeros(len(ids), dtype=bool)
-        is_special = np.isin(ids, self.special)
+        w = np.full(n, self.opt.prompt_loss_weight, dtype=np.float32)
+        resp = np.zeros(n, dtype=bool)
+        special = self.is_special[ids]
         last_closer = -1
         for s, e, weight in spans:
-            inside = (ends > s) & (starts < e) & ~((ends == starts) & ~is_special)
-            idx = np.flatnonzero(inside)
-            if len(idx) == 0:
+            first, last = _token_at(enc, s, e, +1), _token_at(enc, e - 1, s - 1, -1)
+            if first is None or last is None or last < first:
                 continue
-            w[idx] = weight
-            resp[idx] = weight > 0
-            j = idx[-1] + 1
+            w[first : last + 1] = weight
+            resp[first : last + 1] = weight > 0
+            j = last + 1
+            if special[last]:  # a span from prefix rendering already ends with its closer
+                j, e = last, enc.token_to_chars(last)[0]
             # The special token that closes the reply (EOS / end-of-turn), skipping only whitespace.
-            # (A span from prefix rendering already ends with it.)
-            if is_special[idx[-1]]:
-                j, e = idx[-1], starts[idx[-1]]
-            while j < len(ids) and not is_special[j] and not text[starts[j] : ends[j]].strip():
+            while j < n and not special[j] and not _token_text(text, enc, j).strip():
                 j += 1
-            if j < len(ids) and is_special[j] and not text[e : starts[j]].strip():
+            if j < n and special[j] and not text[e : enc.token_to_chars(j)[0]].strip():
                 w[j], resp[j] = weight, weight > 0
                 last_closer = j
-            elif j >= len(ids) or not text[e:].strip():
+            elif j >= n or not text[e:].strip():
                 last_closer = -2  # the template closes nothing after the last reply
-        if last_closer >= 0 and not text[ends[last_closer] :].strip():
+        if last_closer >= 0 and not text[enc.token_to_chars(last_closer)[1] :].strip():
             ids, w, resp = ids[: last_closer + 1], w[: last_closer + 1], resp[: last_closer + 1]
         elif last_closer == -2 and self.eos is not None and spans and spans[-1][2] > 0:
             ids, w = np.append(ids, self.eos), np.append(w, np.float32(spans[-1][2]))
@@ -280,6 +278,22 @@ class _Encoder:
             )
         report.truncated += 1
         return out, ""
+
+
+def _token_at(enc, pos: int, stop: int, step: int) -> int | None:
+    """The token covering character ``pos``, walking by ``step`` past characters no token
+    covers (offsets trimmed of spaces) until ``stop``."""
+    while pos != stop:
+        t = enc.char_to_token(pos)
+        if t is not None:
+            return t
+        pos += step
+    return None
+
+
+def _token_text(text: str, enc, j: int) -> str:
+    a, b = enc.token_to_chars(j)
+    return text[a:b]
 
 
 def _added_special_ids(tokenizer) -> set[int]:
