@@ -56,7 +56,9 @@ def test_bom_and_blank_lines_pass(capsys):
 def test_error_is_printed_without_traceback_in_a_real_process(tmp_path):
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"instruction": "x", "ouput": "y"}\n')
-    r = subprocess.run([sys.executable, "-m", "tunelab", "data", "check", str(bad)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tunelab", "data", "check", str(bad)], capture_output=True, text=True
+    )
     assert r.returncode == 2
     assert f"{bad}:1: output: missing" in r.stderr and "Traceback" not in r.stderr
     assert tree(tmp_path) == {"d.jsonl"}
@@ -67,7 +69,9 @@ def test_check_json_statistics(capsys):
     stats = json.loads(out)
     assert code == 0 and stats["records"] == 60 and stats["formats"] == {"alpaca": 60}
     assert stats["lengths_exact"] is False
-    assert stats["diversity"]["warning"] and stats["diversity"]["top_instruction_share"] == pytest.approx(0.9)
+    assert stats["diversity"]["warning"] and stats["diversity"][
+        "top_instruction_share"
+    ] == pytest.approx(0.9)
 
 
 def test_check_with_tokenizer_counts_over_limit(capsys, tmp_path, monkeypatch):
@@ -95,8 +99,18 @@ def test_diversity_warning_is_shown_and_strict_fails(capsys):
 def test_train_eval_overlap(capsys, tmp_path):
     train = [json.dumps({"instruction": f"q{i} word{i}", "output": f"a{i}"}) for i in range(10)]
     (tmp_path / "train.jsonl").write_text("\n".join(train))
-    (tmp_path / "eval.jsonl").write_text("\n".join(train[:3] + ['{"instruction": "new", "output": "x"}']))
-    code, out, _ = run(capsys, "data", "check", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"), "--json")
+    (tmp_path / "eval.jsonl").write_text(
+        "\n".join(train[:3] + ['{"instruction": "new", "output": "x"}'])
+    )
+    code, out, _ = run(
+        capsys,
+        "data",
+        "check",
+        str(tmp_path / "train.jsonl"),
+        "--eval",
+        str(tmp_path / "eval.jsonl"),
+        "--json",
+    )
     assert code == 0 and json.loads(out)["overlap"]["exact"] == 3
 
 
@@ -108,7 +122,9 @@ def test_config_errors_reach_the_cli(capsys, tmp_path):
 
 
 def test_missing_model_path(capsys, tmp_path):
-    code, _, err = run(capsys, "data", "check", str(EXAMPLES / "kto.jsonl"), "--model", str(tmp_path / "nope"))
+    code, _, err = run(
+        capsys, "data", "check", str(EXAMPLES / "kto.jsonl"), "--model", str(tmp_path / "nope")
+    )
     assert code == 2 and "not a model folder or .gguf file" in err
 
 
@@ -119,7 +135,10 @@ def test_corrupt_gguf(capsys, tmp_path):
     assert code == 2 and "could not read a tokenizer from this GGUF file" in err
 
 
-@pytest.mark.parametrize("name", ["alpaca_small.json", "small.csv", "preferences.jsonl", "kto.jsonl", "general/general.jsonl"])
+@pytest.mark.parametrize(
+    "name",
+    ["alpaca_small.json", "small.csv", "preferences.jsonl", "kto.jsonl", "general/general.jsonl"],
+)
 def test_every_shipped_format_checks(capsys, name):
     code, out, _ = run(capsys, "data", "check", str(EXAMPLES / name), "--json")
     assert code == 0 and json.loads(out)["records"] >= 20
@@ -130,9 +149,13 @@ def test_split_is_deterministic_and_leak_free(capsys, tmp_path):
     src = EXAMPLES / "extract" / "train.jsonl"
     outs = []
     for name in ("a", "b"):
-        code, _, _ = run(capsys, "data", "split", str(src), "--seed", "7", "--out", str(tmp_path / name))
+        code, _, _ = run(
+            capsys, "data", "split", str(src), "--seed", "7", "--out", str(tmp_path / name)
+        )
         assert code == 0
-        outs.append({s: (tmp_path / name / f"{s}.jsonl").read_text() for s in ("train", "val", "test")})
+        outs.append(
+            {s: (tmp_path / name / f"{s}.jsonl").read_text() for s in ("train", "val", "test")}
+        )
     assert outs[0] == outs[1]
     counts = {s: len(t.splitlines()) for s, t in outs[0].items()}
     assert counts == {"train": 280, "val": 60, "test": 60}
@@ -152,9 +175,27 @@ def test_split_too_few_rows_writes_nothing(capsys, tmp_path):
 
 
 def test_split_bad_ratios(capsys, tmp_path):
-    code, _, err = run(capsys, "data", "split", str(EXAMPLES / "kto.jsonl"), "--ratios", "0.7,0.7", "--out", str(tmp_path))
+    code, _, err = run(
+        capsys,
+        "data",
+        "split",
+        str(EXAMPLES / "kto.jsonl"),
+        "--ratios",
+        "0.7,0.7",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 2 and "must sum to 1" in err
-    code, _, err = run(capsys, "data", "split", str(EXAMPLES / "kto.jsonl"), "--ratios", "a,b", "--out", str(tmp_path))
+    code, _, err = run(
+        capsys,
+        "data",
+        "split",
+        str(EXAMPLES / "kto.jsonl"),
+        "--ratios",
+        "a,b",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 2 and "comma-separated numbers" in err
     assert tree(tmp_path) == set()
 
@@ -174,3 +215,18 @@ def test_version_and_help(capsys):
 def test_config_show(capsys):
     code, out, _ = run(capsys, "config", "show", "data.prompt_loss_weight=0.3")
     assert code == 0 and "prompt_loss_weight: 0.3" in out
+
+
+def test_split_dedup_drops_exact_duplicates(capsys, tmp_path):
+    src = tmp_path / "d.jsonl"
+    rows = [
+        json.dumps({"instruction": f"question {i} {'x' * i}", "output": "a"}) for i in range(20)
+    ]
+    src.write_text("\n".join(rows + rows[:5]))
+    code, out, _ = run(capsys, "data", "split", str(src), "--dedup", "--out", str(tmp_path / "o"))
+    assert code == 0 and "dropped 5 exact duplicate(s)" in out
+    total = sum(
+        len((tmp_path / "o" / f"{s}.jsonl").read_text().splitlines())
+        for s in ("train", "val", "test")
+    )
+    assert total == 20

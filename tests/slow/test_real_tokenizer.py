@@ -37,7 +37,11 @@ def test_default_system_prompt_of_the_template_is_prompt_weighted(tokenizer):
     from tests.helpers import chat
     from tunelab.data.tokenize import EncodeOptions, encode
 
-    seq = encode([chat("Hi", "Hello!")], tokenizer, EncodeOptions(prompt_loss_weight=0.1)).examples[0].seq
+    seq = (
+        encode([chat("Hi", "Hello!")], tokenizer, EncodeOptions(prompt_loss_weight=0.1))
+        .examples[0]
+        .seq
+    )
     text = tokenizer.decode(seq.input_ids.tolist())
     assert "You are a helpful AI assistant named SmolLM" in text  # the template adds it
     assert tokenizer.decode(seq.input_ids[seq.weights == 1.0].tolist()) == "Hello!<|im_end|>"

@@ -213,4 +213,6 @@ def test_fast_renderer_matches_apply_chat_template(tokenizer):
     for ex in (MULTI, tricky):
         for gen in (False, True):
             msgs = ex.messages if not gen else ex.messages[:-1]
-            assert r(msgs, add_generation_prompt=gen) == render(tokenizer, msgs, add_generation_prompt=gen)
+            assert r(msgs, add_generation_prompt=gen) == render(
+                tokenizer, msgs, add_generation_prompt=gen
+            )

@@ -122,6 +122,7 @@ def split(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Output folder (default: next to FILE)."
     ),
+    dedup: bool | None = typer.Option(None, "--dedup", help="Drop exact duplicates first."),
     format: str | None = _FORMAT,
     config: Path | None = _CONFIG,
 ) -> None:
@@ -142,9 +143,13 @@ def split(
         ) from None
     if len(shares) not in (2, 3):
         raise ConfigError(f"--ratios {ratios!r}: expected two or three shares (train,val[,test])")
-    cfg = _data_config(config, format=format)
-    examples = load_examples(file, cfg)
+    cfg = _data_config(config, format=format, dedup=dedup)
     rows = read_rows(file)
+    examples = load_examples(file, cfg)
+    if len(examples) < len(rows):
+        print(f"dropped {len(rows) - len(examples)} exact duplicate(s)")
+        index = {(r.source.line): i for i, r in enumerate(rows)}
+        rows = [rows[index[ex.source.line]] for ex in examples]
     parts = split_indices(examples, shares, seed)
     names = ("train", "val", "test")[: len(shares)]
     folder = out or file.parent / f"{file.stem}_split"

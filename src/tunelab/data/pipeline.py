@@ -19,9 +19,21 @@ from tunelab.data.tokenize import EncodeOptions, EncodeReport, encode
 def load_examples(path: str | Path, cfg: DataConfig) -> list[Example]:
     """Read and validate every record of a file (raises DataError listing the bad rows)."""
     rows = read_rows(path)
-    return parse_examples(
+    examples = parse_examples(
         rows, format=cfg.format, columns=cfg.columns, system_prompt=cfg.system_prompt
     )
+    return dedup(examples) if cfg.dedup else examples
+
+
+def dedup(examples: Sequence[Example]) -> list[Example]:
+    """Keep the first of each group of exact duplicates (same prompt, response and format)."""
+    seen: set[tuple] = set()
+    kept = []
+    for ex in examples:
+        if ex.identity not in seen:
+            seen.add(ex.identity)
+            kept.append(ex)
+    return kept
 
 
 def encode_options(cfg: DataConfig) -> EncodeOptions:

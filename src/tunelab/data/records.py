@@ -72,6 +72,11 @@ class Example:
         return "\n".join(m.content for m in msgs if m.role != "system")
 
     @property
+    def identity(self) -> tuple:
+        """Equal for exact duplicates (what ``data.dedup`` removes and ``data check`` counts)."""
+        return (self.format, self.prompt_key, self.response, self.rejected, self.label)
+
+    @property
     def response(self) -> str:
         if self.format == "text":
             return ""

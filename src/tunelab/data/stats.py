@@ -215,11 +215,11 @@ def _summary(lengths: np.ndarray) -> dict[str, float]:
 
 def _duplicates(examples: Sequence[Example], normalised: list[str]) -> tuple[int, int]:
     """(exact repeats of an earlier record, near-duplicate instructions that are not exact)."""
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple] = set()
     seen_instructions: set[str] = set()
     exact = near = 0
     for ex, instruction in zip(examples, normalised, strict=True):
-        key = (ex.format, ex.prompt_key, ex.response)
+        key = ex.identity
         if key in seen:
             exact += 1
         else:

@@ -108,7 +108,9 @@ class _Encoder:
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: batch encode, char maps
         vocab = max(len(tokenizer), self.backend.get_vocab_size(with_added_tokens=True))
         self.is_special = np.zeros(vocab + 1, dtype=bool)
-        self.is_special[sorted(set(tokenizer.all_special_ids) | _added_special_ids(tokenizer))] = True
+        self.is_special[sorted(set(tokenizer.all_special_ids) | _added_special_ids(tokenizer))] = (
+            True
+        )
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.text_bos = tokenizer.bos_token_id if probe[:1] == [tokenizer.bos_token_id] else None
 
