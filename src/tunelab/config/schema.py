@@ -25,6 +25,87 @@ class ModelConfig(Section):
         description="A catalog name, a Hugging Face model folder, a .gguf file, or a hub id.",
     )
     tokenizer: str | None = Field(None, description="Tokenizer to use instead of the model's own.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on a GPU that supports it, else fp32. fp16 uses a loss scaler.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations: less memory, ~20% slower."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+
+
+class MethodConfig(Section):
+    name: Literal["full", "freeze", "lora", "qlora"] = Field("lora", description="What is trained.")
+    # lora / qlora
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (default 2 x r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    targets: list[str] | Literal["all-linear", "attention", "qv"] = Field(
+        "all-linear",
+        description="Modules that get adapters: names, or all-linear | attention | qv.",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    bits: Literal[4, 8] = Field(
+        4, description="qlora: 4-bit NF4 or 8-bit base weights (bitsandbytes, CUDA)."
+    )
+    # freeze
+    trainable_layers: int = Field(
+        2, ge=0, description="freeze: train the last N transformer layers."
+    )
+    trainable_modules: list[str] = Field(
+        default_factory=list,
+        description="freeze: also train modules whose name contains one of these.",
+    )
+    unfreeze_every: int = Field(
+        0, ge=0, description="freeze: every M steps unfreeze more layers (0: off)."
+    )
+    unfreeze_layers: int = Field(
+        1, gt=0, description="freeze: how many layers each unfreezing adds."
+    )
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the gradient norm (null: off)."
+    )
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="LR schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warmup steps; overrides warmup_ratio."
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="LR floor as a share of the peak.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps (default: ~10 per epoch)."
+    )
+    eval_batch_size: int | None = Field(None, gt=0, description="Default: micro_batch_size.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evals without improvement."
+    )
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N steps (default: at each eval)."
+    )
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept (plus the best).")
+    nan_action: Literal["skip", "stop"] = Field(
+        "skip", description="On a NaN/Inf loss or gradient."
+    )
+    max_nan_skips: int = Field(10, ge=0, description="Stop anyway after this many skipped steps.")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    output_dir: str = Field("runs", description="Run folders go here: <output_dir>/<name>.")
 
 
 class DataConfig(Section):
@@ -81,4 +162,6 @@ class Config(Section):
         None, description="Run name (default: derived from the data and time)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
