@@ -91,3 +91,37 @@ def tiny_tokenizer(kind: str = "chatml"):
             tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
         )
     raise ValueError(f"unknown tiny tokenizer kind {kind!r}")
+
+
+def tiny_model(tokenizer, *, arch: str = "llama", seed: int = 0, layers: int = 2):
+    """A randomly initialised 2-layer, 64-wide causal LM sized to ``tokenizer`` (fp32, CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    if arch == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=True)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, tie_word_embeddings=True)
+    elif arch == "gemma":
+        config = GemmaConfig(**common, head_dim=16)
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+
+
+def tiny_model_dir(path, *, kind: str = "chatml", arch: str = "llama", seed: int = 0):
+    """Save a tiny model and its tokenizer as a Hugging Face model folder; return the path."""
+    from pathlib import Path
+
+    path = Path(path)
+    tok = tiny_tokenizer(kind)
+    tiny_model(tok, arch=arch, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
