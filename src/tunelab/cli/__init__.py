@@ -15,6 +15,7 @@ from tunelab import __version__
 from tunelab.cli import config as config_cli
 from tunelab.cli import data as data_cli
 from tunelab.cli import models as models_cli
+from tunelab.cli import train as train_cli
 from tunelab.errors import TunelabError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command("train")(train_cli.train)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")

@@ -1,0 +1,66 @@
+"""``tunelab train``: fine-tune a model from a YAML config and dotted overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def train(
+    config: Path | None = typer.Argument(
+        None, help="A YAML config (optional: every setting has a default)."
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides, e.g. train.lr=1e-4 data.path=x.jsonl."
+    ),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue the run in this folder from its last checkpoint."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (for CI and logs)."),
+) -> None:
+    """Fine-tune a model. Writes a run folder: config, metrics, checkpoints, final adapter, plot, summary."""
+    from tunelab.config.load import load_config
+    from tunelab.train.setup import load_resume_config, run_training
+
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides, config = [str(config), *(overrides or [])], None
+    if resume is not None:
+        if config is not None:
+            raise typer.BadParameter(
+                "give either a config or --resume RUN_DIR (the run's own config is used)"
+            )
+        cfg = load_resume_config(resume, overrides or [])
+    else:
+        cfg = load_config(config, overrides or [])
+    console = Console(stderr=True, highlight=False)
+    progress = Progress(
+        TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=quiet,
+    )  # fmt: skip
+    task = None
+    last_eval = ""
+
+    def on_step(step: int, total: int, record: dict) -> None:
+        nonlocal task, last_eval
+        if "eval_loss" in record:
+            last_eval = f" val {record['eval_loss']:.4f}"
+            if quiet:
+                console.print(
+                    f"step {step}/{total} eval_loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
+                )
+        if task is None:
+            task = progress.add_task("train", total=total, completed=step - 1, info="")
+        tps = record.get("tokens_per_s")
+        info = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} {tps or 0:,.0f} tok/s{last_eval}"
+                if "loss" in record else f"{last_eval}")  # fmt: skip
+        progress.update(task, completed=step, info=info)
+        if quiet and "loss" in record and (step % 10 == 0 or step == total):
+            console.print(f"step {step}/{total} {info}")
+
+    with progress:
+        run_dir = run_training(cfg, resume=resume, progress=on_step, log=console.print)
+    print(f"run folder: {run_dir}")

@@ -1,0 +1,39 @@
+"""Guards around a training step: non-finite losses and out-of-memory errors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tunelab.errors import TunelabError
+
+
+class TrainingStopped(TunelabError):
+    """The run stopped on purpose (NaN guard with action 'stop', too many skips)."""
+
+
+def finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def out_of_memory_message(cfg, where: str) -> str:
+    t, m = cfg.train, cfg.model
+    tips = [
+        f"a smaller micro-batch (train.micro_batch_size={max(1, t.micro_batch_size // 2)}, "
+        f"train.grad_accum={t.grad_accum * 2} keeps the same effective batch)",
+        f"shorter sequences (data.max_seq_len={max(64, cfg.data.max_seq_len // 2)})",
+    ]
+    if not m.gradient_checkpointing:
+        tips.append("gradient checkpointing (model.gradient_checkpointing=true, ~20% slower)")
+    if cfg.method.name in ("full", "freeze"):
+        tips.append("LoRA instead of full fine-tuning (method.name=lora)")
+    if cfg.method.name == "lora":
+        tips.append("QLoRA (method.name=qlora, 4-bit base weights)")
+    return f"out of memory during {where}. Try: " + "; ".join(tips) + "."
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )

@@ -1,0 +1,118 @@
+"""RELIABILITY 1 (exact gradient accumulation), 2 (the loss is what the docs say), 7 (padding)."""
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import chat
+from tunelab.data.collate import collate
+from tunelab.data.tokenize import EncodeOptions, encode
+from tunelab.testing import tiny_model, tiny_tokenizer
+from tunelab.train.loss import accumulate
+from tunelab.train.loss import SFT
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer("chatml")
+    examples = [
+        chat(
+            "Q" + " word" * (3 + 5 * i),
+            "A" + " answer" * (1 + (7 * i) % 11),
+            system="sys" if i % 2 else None,
+        )
+        for i in range(8)
+    ]
+    seqs = [t.seq for t in encode(examples, tok, EncodeOptions(prompt_loss_weight=0.1)).examples]
+    assert len({len(s) for s in seqs}) > 4  # really variable lengths
+    return tok, seqs
+
+
+def grads_after(model, batches):
+    model.zero_grad(set_to_none=True)
+    loss = accumulate(model, SFT(), batches)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_is_exact(setup):
+    tok, seqs = setup
+    model = tiny_model(tok)
+    pad = tok.pad_token_id
+    loss_a, grads_a = grads_after(model, [collate(seqs, pad)])  # 8 x GA 1
+    loss_b, grads_b = grads_after(
+        model, [collate(seqs[i : i + 2], pad) for i in range(0, 8, 2)]
+    )  # 2 x GA 4
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_naive_mean_of_means_would_differ(setup):
+    """Guard the guard: the per-micro-batch mean (the Oct-2024 bug) gives another loss here."""
+    tok, seqs = setup
+    model = tiny_model(tok)
+    obj = SFT()
+    batches = [collate(seqs[i : i + 2], tok.pad_token_id) for i in range(0, 8, 2)]
+    with torch.no_grad():
+        exact = accumulate_no_grad(model, batches)
+        naive = sum(float(obj.loss_sum(model, b)) / obj.weight(b) for b in batches) / len(batches)
+    assert abs(exact - naive) > 1e-4
+
+
+def accumulate_no_grad(model, batches):
+    obj = SFT()
+    return sum(float(obj.loss_sum(model, b)) for b in batches) / sum(obj.weight(b) for b in batches)
+
+
+def test_logged_loss_is_weighted_token_nll_over_summed_weights(setup):
+    tok, seqs = setup
+    model = tiny_model(tok)
+    batch = collate(seqs[:3], tok.pad_token_id)
+    model.zero_grad()
+    logged = accumulate(model, SFT(), [batch])
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    num = den = 0.0
+    for b, s in enumerate(seqs[:3]):  # by hand, token by token
+        logp = torch.log_softmax(logits[b].double(), -1)
+        for t in range(1, len(s)):
+            w = float(s.weights[t])
+            num += w * -float(logp[t - 1, int(s.input_ids[t])])
+            den += w
+    assert logged == pytest.approx(num / den, rel=1e-5)
+    assert math.isfinite(logged) and logged > 0
+
+
+def test_prompt_weight_changes_gradient_only_through_prompt_tokens(setup):
+    tok, _ = setup
+    model = tiny_model(tok)
+    ex = [chat("a question here", "the answer")]
+    g = {}
+    for plw in (0.0, 1.0):
+        seq = encode(ex, tok, EncodeOptions(prompt_loss_weight=plw)).examples[0].seq
+        model.zero_grad()
+        batch = collate([seq], tok.pad_token_id)
+        SFT().loss_sum(model, batch).backward()  # the summed loss: no normalisation
+        g[plw] = model.lm_head.weight.grad.clone()
+        if plw == 0.0:  # only reply tokens contribute: recompute with prompt targets masked by hand
+            model.zero_grad()
+            batch.loss_weights = batch.loss_weights * torch.from_numpy(seq.response).float()
+            SFT().loss_sum(model, batch).backward()
+            torch.testing.assert_close(model.lm_head.weight.grad, g[0.0], atol=0, rtol=0)
+    assert not torch.equal(g[0.0], g[1.0])
+
+
+def test_padding_invariance(setup):
+    tok, seqs = setup
+    model = tiny_model(tok)
+    short = min(seqs, key=len)
+    longer = sorted(seqs, key=len)[-2:]
+    obj = SFT()
+    with torch.no_grad():
+        alone = float(obj.loss_sum(model, collate([short], tok.pad_token_id)))
+        batch = collate([short, *longer], tok.pad_token_id)
+        batch.loss_weights[1:] = 0
+        together = float(obj.loss_sum(model, batch))
+    assert together == pytest.approx(alone, rel=1e-5, abs=1e-6)
