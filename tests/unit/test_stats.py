@@ -157,15 +157,15 @@ def test_overlap_counts():
     other = examples(
         [
             alpaca("What is 2+2?", "4"),  # exact
-            alpaca("what is 3+3", "6"),  # same normalised prompt, other answer
+            alpaca("what is 3+3", "6"),  # other numbers: another prompt
             alpaca("Name a colour.", "blue"),  # same prompt
             alpaca("Something new", "x"),
         ],
         file="val.jsonl",
     )
     o = compute_overlap(train, other)
-    assert (o.other_records, o.exact, o.same_prompt) == (4, 1, 3)
-    assert o.examples == ["val.jsonl:1", "val.jsonl:2", "val.jsonl:3"]
+    assert (o.other_records, o.exact, o.same_prompt) == (4, 1, 2)
+    assert o.examples == ["val.jsonl:1", "val.jsonl:3"]
     assert json.loads(json.dumps(o.to_dict()))["exact"] == 1
 
 

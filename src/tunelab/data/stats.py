@@ -113,7 +113,7 @@ def compute_stats(
         truncated, dropped = _estimate_policy([examples[i] for i in over], max_seq_len, truncation)
         kept = n - sum(dropped.values())
     instructions = [ex.instruction for ex in examples]
-    normalised = [normalize(text) for text in instructions]
+    normalised = [normalize(text, digits=False) for text in instructions]
     exact, near = _duplicates(examples, normalised)
     diversity = _diversity(examples, instructions, normalised, diversity_threshold)
     stats = DataStats(
@@ -243,7 +243,7 @@ def _diversity(
             continue
         if ex.format in ("alpaca", "kto") and "\n\n" in text:
             text = text.split("\n\n", 1)[0]
-            norm = normalize(text)
+            norm = normalize(text, digits=False)
         heads.append(text)
         keys.append(norm)
     if not heads:

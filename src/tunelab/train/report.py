@@ -1,0 +1,310 @@
+"""The run folder's human side: the metrics log, the loss plot and ``summary.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from tunelab.checkpoint.manager import atomic_write_bytes
+from tunelab.errors import DataError, Problem
+
+# ---- metrics.jsonl -----------------------------------------------------------------------
+
+
+class MetricsLog:
+    """An append-only JSONL log, one record per line (``{"step": 10, "loss": 1.9, ...}``).
+
+    Each record is written with one ``write`` and flushed, so a killed process loses at most
+    the line it was writing. A record counts once its newline is in the file: a last line
+    without one is torn, ignored by :meth:`read` and cut off before the next append."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file: IO[str] | None = None
+
+    def append(self, record: dict) -> None:
+        if self._file is None:
+            self._file = self._open()
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Keep only records with ``step <= step`` (and those without a step); for resuming
+        from the checkpoint of ``step``. The file is replaced atomically. Returns the number
+        of records dropped."""
+        self.close()
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        for _, line, record in _records(self.path):
+            if isinstance(record.get("step"), int | float) and record["step"] > step:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
+        return dropped
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        """Every complete record; [] when the file does not exist yet."""
+        path = Path(path)
+        return [record for _, _, record in _records(path)] if path.exists() else []
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # cut a torn last line, so the next record starts on its own line
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        return open(self.path, "a", encoding="utf-8", buffering=1)
+
+
+def _records(path: Path) -> Iterator[tuple[int, str, dict]]:
+    """(line number, line, record) for every complete non-blank line."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    lines.pop()  # the text after the last newline: "" or a torn line
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(Problem(str(path), lineno, None, f"not valid JSON ({e.msg})")) from e
+        if not isinstance(record, dict):
+            raise DataError(Problem(str(path), lineno, None, "expected a JSON object"))
+        yield lineno, line, record
+
+
+# ---- loss plot ---------------------------------------------------------------------------
+
+
+def plot_losses(records: list[dict], out_png: Path, *, title: str = "Training") -> Path:
+    """Train loss per step (``loss``), eval loss (``eval_loss``) and, below, the learning rate
+    (``lr``), against ``step``. Linear axes; with more than 50 train points the raw curve is
+    drawn faint under a smoothed one. Written atomically."""
+    # The object-oriented API with the Agg canvas: no pyplot, no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = _series(records, "loss")
+    evals = _series(records, "eval_loss")
+    lrs = _series(records, "lr")
+
+    fig = Figure(figsize=(8, 5.5 if lrs else 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    if lrs:
+        ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    else:
+        ax, ax_lr = fig.subplots(), None
+
+    if train:
+        steps, values = zip(*train, strict=True)
+        if len(train) > 50:
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _smooth(values), color="tab:blue", label="train loss (smoothed)")
+        else:
+            ax.plot(steps, values, color="tab:blue", label="train loss")
+    if evals:
+        steps, values = zip(*evals, strict=True)
+        ax.plot(steps, values, "o-", color="tab:orange", markersize=4, label="eval loss")
+        best_step, best = min(evals, key=lambda p: p[1])
+        ax.plot([best_step], [best], "*", color="tab:red", markersize=12, label=f"best {best:.4g}")
+    if not train and not evals:
+        ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+
+    if ax_lr is not None:
+        ax_lr.plot(*zip(*lrs, strict=True), color="tab:green")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax_lr.grid(alpha=0.3)
+    (ax_lr or ax).set_xlabel("step")
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out_png.stem}-", suffix=".png", dir=out_png.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, out_png)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_png
+
+
+def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
+    """(step, value) for records that have both, skipping NaN/Inf (skipped steps)."""
+    points = []
+    for record in records:
+        step, value = record.get("step"), record.get(key)
+        numbers = isinstance(step, int | float) and isinstance(value, int | float)
+        if numbers and math.isfinite(value):
+            points.append((step, value))
+    return points
+
+
+def _smooth(values: tuple[float, ...]) -> list[float]:
+    """Exponential moving average, bias-corrected at the start (as TensorBoard does)."""
+    window = min(100, max(5, len(values) // 20))
+    beta = 1 - 2 / (window + 1)
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+# ---- summary.md --------------------------------------------------------------------------
+
+# The settings worth a glance, from a method or train config dict (the rest is in config.yaml).
+_METHOD_FIELDS = {
+    "lora": ("r", "alpha", "dropout", "targets", "rslora", "dora"),
+    "qlora": ("r", "alpha", "dropout", "targets", "bits"),
+    "freeze": ("trainable_layers", "trainable_modules"),
+}
+_TRAIN_FIELDS = ("lr", "epochs", "max_steps", "micro_batch_size", "grad_accum", "schedule",
+                 "warmup_ratio", "warmup_steps", "weight_decay", "seed")  # fmt: skip
+
+
+def write_summary(run_dir: Path, info: dict) -> Path:
+    """Write ``run_dir/summary.md``, a short markdown of a run, from whatever ``info`` has.
+
+    Keys (where two are given, either): name, model, parameters, device, method (a name or
+    the method config dict), hyperparameters (dict), train (the train config dict),
+    train_records | train_examples, val_records | val_examples, train_tokens | tokens, steps,
+    epochs, stopped_early, elapsed_s | seconds, wall_seconds, tokens_per_s,
+    peak_memory_bytes, peak_gpu_gib, peak_rss_gib, final_train_loss, best_eval_loss,
+    best_step, nan_skips, output. Any other key is listed at the end as it is."""
+    used: set[str] = set()
+
+    def pick(*keys: str) -> Any:
+        used.update(keys)
+        return next((info[k] for k in keys if info.get(k) is not None), None)
+
+    lines = [f"# Run {pick('name') or Path(run_dir).name}", ""]
+
+    def add(label: str, *parts: Any) -> None:
+        text = ", ".join(str(p) for p in parts if not _blank(p))
+        if text:
+            lines.append(f"- **{label}:** {text}")
+
+    add("Model", pick("model"), _count(pick("parameters"), "parameters"), pick("device"))
+    method, hyperparameters = _method(pick("method")), _settings(pick("hyperparameters"))
+    add("Method", f"{method} ({hyperparameters})" if method and hyperparameters else method)
+    if not method:
+        add("Hyperparameters", hyperparameters)
+    add("Training settings", _settings(pick("train"), _TRAIN_FIELDS))
+    add(
+        "Data",
+        _count(pick("train_records", "train_examples"), "train records"),
+        _count(pick("val_records", "val_examples"), "validation records"),
+        _count(pick("train_tokens", "tokens"), "tokens"),
+    )
+    add(
+        "Progress",
+        _count(pick("steps"), "steps"),
+        _count(pick("epochs"), "epochs"),
+        pick("stopped_early") and "stopped early",
+    )
+    add(
+        "Time",
+        _duration(pick("elapsed_s", "seconds")),
+        _duration(pick("wall_seconds")) and f"{_duration(info['wall_seconds'])} in all",
+        _count(pick("tokens_per_s"), "tokens/s"),
+    )
+    add(
+        "Peak memory",
+        _gib(pick("peak_memory_bytes"), per_unit=1),
+        _gib(pick("peak_gpu_gib")) and f"GPU {_gib(info['peak_gpu_gib'])}",
+        _gib(pick("peak_rss_gib")) and f"process {_gib(info['peak_rss_gib'])}",
+    )
+    add("Final train loss", _loss(pick("final_train_loss")))
+    best, step = pick("best_eval_loss"), pick("best_step")
+    if _is_number(best):
+        perplexity = math.exp(min(best, 700.0))
+        at = f" at step {step}" if step is not None else ""
+        add("Best eval loss", f"{best:.4f} (perplexity {perplexity:.2f}){at}")
+    add("NaN/Inf steps skipped", pick("nan_skips"))
+    add("Output", pick("output") and f"`{info['output']}`")
+    for key, value in info.items():
+        if key not in used and value is not None:
+            add(key, _settings(value) if isinstance(value, dict) else value)
+
+    path = Path(run_dir) / "summary.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+def _blank(value: Any) -> bool:
+    """Nothing worth a line: None, False, "" or an empty list/dict (0 is worth one)."""
+    return value is None or value is False or (isinstance(value, str | list | dict) and not value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _method(method: Any) -> str | None:
+    if not isinstance(method, dict):
+        return method
+    name = method.get("name")
+    settings = _settings(method, _METHOD_FIELDS.get(name, ()))
+    return f"{name} ({settings})" if settings else name
+
+
+def _settings(values: Any, fields: tuple[str, ...] | None = None) -> str | None:
+    """{"r": 16, "lr": 2e-4} -> "r=16, lr=0.0002" (only ``fields`` when given; no blanks)."""
+    if not isinstance(values, dict):
+        return None if values is None else str(values)
+    keys = fields if fields is not None else tuple(values)
+    return ", ".join(f"{k}={values[k]}" for k in keys if not _blank(values.get(k)))
+
+
+def _count(value: Any, unit: str) -> str | None:
+    if not _is_number(value):
+        return None
+    shown = f"{value:.3g}" if isinstance(value, float) and value < 100 else f"{value:,.0f}"
+    return f"{shown} {unit}"
+
+
+def _loss(value: Any) -> str | None:
+    return f"{value:.4f}" if _is_number(value) else None
+
+
+def _duration(seconds: Any) -> str | None:
+    if not _is_number(seconds):
+        return None
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _gib(value: Any, per_unit: int = 2**30) -> str | None:
+    """A size in units of ``per_unit`` bytes (default: GiB already) -> "3.50 GiB"."""
+    return f"{value * per_unit / 2**30:.2f} GiB" if _is_number(value) else None
