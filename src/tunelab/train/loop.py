@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,18 @@ from tunelab.train.batches import StepPlan
 from tunelab.train.guards import TrainingStopped, finite, is_oom, out_of_memory_message
 from tunelab.train.loss import Objective, accumulate
 from tunelab.train.report import MetricsLog
+
+
+#: Test hook: ``TUNELAB_KILL_AT_STEP=k`` sends SIGKILL to this process right after step k.
+_KILL_AT = int(os.environ.get("TUNELAB_KILL_AT_STEP", "0")) or None
+
+
+class Interrupted(Exception):
+    """Raised by ``Session.halt_at``: the run stops like a crash would, after a checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"halted after step {step}")
+        self.step = step
 
 
 @dataclass
@@ -53,6 +68,7 @@ class Session:
     scaler: torch.amp.GradScaler | None
     fingerprint: dict
     progress: object = None  # a callable(step, total, metrics) or None
+    halt_at: int | None = None  # stop (as if interrupted) after this step's checkpoint; for tests
     state: dict = field(default_factory=dict)
 
 
@@ -173,7 +189,7 @@ def train_loop(s: Session, metrics: MetricsLog, manager: CheckpointManager) -> O
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         record = {
-            "step": step + 1, "epoch": round(epoch + (step % s.plan.steps_per_epoch + 1) / s.plan.steps_per_epoch, 4),
+            "step": step + 1, "order": zlib.crc32(repr(micro).encode()), "epoch": round(epoch + (step % s.plan.steps_per_epoch + 1) / s.plan.steps_per_epoch, 4),
             "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
             "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
         }  # fmt: skip
@@ -220,6 +236,10 @@ def train_loop(s: Session, metrics: MetricsLog, manager: CheckpointManager) -> O
             _save_checkpoint(s, manager, st["step"], metric)
         if stopped_early:
             break
+        if st["step"] == _KILL_AT:  # fault injection for the killed-process test
+            os.kill(os.getpid(), signal.SIGKILL)
+        if st["step"] == s.halt_at:
+            raise Interrupted(st["step"])
 
     return Outcome(
         steps=st["step"], train_loss=last_loss, best_eval_loss=st["best_eval_loss"], best_step=st["best_step"],

@@ -129,7 +129,9 @@ def _datasets(cfg: Config, tokenizer):
     return train, val
 
 
-def run_training(cfg: Config, *, resume: Path | None = None, progress=None, log=print) -> Path:
+def run_training(
+    cfg: Config, *, resume: Path | None = None, progress=None, log=print, halt_at: int | None = None
+) -> Path:
     """Train; return the run folder. ``resume``: a run folder to continue."""
     if cfg.data.path is None:
         raise ConfigError("data.path: missing (the training data file)")
@@ -200,7 +202,7 @@ def run_training(cfg: Config, *, resume: Path | None = None, progress=None, log=
         cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, objective=SFT(), train_set=train_set,
         val_set=val_set, optimizer=optimizer, scheduler=scheduler, plan=plan, total_steps=total_steps,
         eval_steps=eval_steps, save_steps=save_steps, device=device, autocast_dtype=autocast_dtype,
-        scaler=scaler, fingerprint=current_fp, progress=progress,
+        scaler=scaler, fingerprint=current_fp, progress=progress, halt_at=halt_at,
     )  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.jsonl")

@@ -1,0 +1,246 @@
+"""Find and load a causal language model: a catalog name, a Hugging Face model folder, a .gguf
+file, or a hub id.
+
+Everything goes through one path: :func:`resolve_model` turns the name into a Hugging Face model
+folder (catalog models and .gguf files are converted to one, once, and cached under
+``$TUNELAB_HOME``) or leaves a hub id as it is; :func:`load_model` then loads it with
+``from_pretrained``. A bad model is reported as a :class:`~tunelab.errors.ModelError` that names
+the file and what was found in it, never as a traceback. See docs/models.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import ModelError
+from tunelab.models import catalog
+from tunelab.models.catalog import first_line
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "owner/name"
+NO_CUDA = "QLoRA needs a CUDA GPU with bitsandbytes; this machine has none — use method.name=lora"
+
+
+def resolve_model(name: str) -> Path | str:
+    """A catalog name -> its converted folder (pulled and converted on first use); a model
+    folder -> itself (it must hold config.json); a .gguf file -> a folder converted from it once
+    (:func:`gguf_folder`); anything that looks like a path but does not exist -> ModelError;
+    anything else is a hub id and is returned unchanged."""
+    if name in catalog.CATALOG:
+        return catalog.pull(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        raise ModelError(f"{path}: not a model folder: no config.json ({_contents(path)})")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            folder = gguf_folder(path)
+            if (folder / "config.json").is_file():
+                return folder
+            return catalog.convert_gguf(path, folder, source=str(path.resolve()))
+        hint = "; pass the folder that holds it" if path.name == "config.json" else ""
+        raise ModelError(f"{path}: a file, not a model folder or .gguf file{hint}")
+    if looks_local(name) or not _HUB_ID.fullmatch(name):
+        raise ModelError(
+            f"{name}: not found; it is not a model folder or .gguf file on this machine "
+            f"(catalog models: {', '.join(catalog.CATALOG)})"
+        )
+    return name
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a path (and so must not be tried on the hub). Hub ids are
+    ``owner/name``: at most one slash, never a leading ``.``, ``/`` or ``~``."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or name.lower().endswith((".gguf", ".json", *WEIGHT_SUFFIXES))
+    )
+
+
+def gguf_folder(path: Path) -> Path:
+    """The cache folder a .gguf file converts to: ``$TUNELAB_HOME/gguf/<stem>-<key>/``, keyed by
+    the file's absolute path, size and modification time, so an edited or replaced file is
+    converted again (and two files of the same name and size are never confused)."""
+    stat = path.stat()
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return catalog.home() / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    quantize_bits: int | None = None,
+    tokenizer: str | None = None,
+):
+    """Load ``(model, tokenizer)``. ``quantize_bits`` 4 or 8 loads the weights with
+    bitsandbytes (QLoRA; CUDA only, checked before anything is loaded). The tokenizer comes from
+    ``tokenizer`` if given, else from the model; a missing pad token is set to EOS."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.tokenizer import load_tokenizer
+
+    quantization = _bnb_config(quantize_bits, device) if quantize_bits else None
+    source = resolve_model(name)
+    if isinstance(source, Path):
+        check_weights(source)
+    kwargs: dict = {"dtype": dtype}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, attn_implementation="sdpa", **kwargs
+            )
+        except ValueError as e:
+            if "sdpa" not in str(e) and "scaled_dot_product" not in str(e):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(
+                source, attn_implementation="eager", **kwargs
+            )
+    except (OSError, ValueError, SafetensorError) as e:
+        raise _load_error(name, source, e) from None
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types
+        if isinstance(source, Path):
+            raise  # a bug, not a bad folder: keep the traceback
+        raise _load_error(name, source, e) from None
+    if quantization is None:
+        model.to(device)
+    tok = load_tokenizer(tokenizer if tokenizer is not None else source)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _bnb_config(bits: int, device: str):
+    if bits not in (4, 8):
+        raise ModelError(f"quantize_bits must be 4 or 8, not {bits}")
+    if not torch.cuda.is_available():
+        raise ModelError(NO_CUDA)
+    if not str(device).startswith("cuda"):
+        raise ModelError(f"QLoRA needs the model on the CUDA GPU, not on {device!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "QLoRA needs bitsandbytes, which is not installed: pip install bitsandbytes"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
+
+
+def _load_error(name: str, source: Path | str, e: Exception) -> ModelError:
+    if isinstance(source, Path):
+        weights = [p.name for p in source.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+        if not weights:
+            return ModelError(f"{source}: no weights (model*.safetensors) in this folder")
+        return ModelError(f"{source}: could not load the model ({first_line(e)})")
+    return ModelError(
+        f"{name}: not a catalog model ({', '.join(catalog.CATALOG)}), not a local folder or "
+        f".gguf file, and the hub could not provide it ({first_line(e)})"
+    )
+
+
+# -- checks ------------------------------------------------------------------------------------
+def check_weights(folder: Path) -> None:
+    """Check every ``*.safetensors`` file in ``folder`` is whole: a header that parses and
+    tensor data that ends exactly at the end of the file. Cheap (reads only the headers)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ModelError(f"{path}: not a valid safetensors file: {problem}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"only {size} bytes"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"its header claims {n:,} bytes but the file has {size:,} (truncated or not safetensors)"
+        try:
+            header = json.loads(f.read(n))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not a safetensors header (JSON with data_offsets)"
+    need = 8 + n + max(ends, default=0)
+    if need != size:
+        return f"its tensors need {need:,} bytes but the file has {size:,} (truncated?)"
+    return None
+
+
+def _contents(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return "the folder is empty"
+    ggufs = [n for n in names if n.lower().endswith(".gguf")]
+    hint = f"; to use the GGUF, pass {folder / ggufs[0]}" if len(ggufs) == 1 else ""
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
+    return f"found: {shown}{hint}"
+
+
+# -- fingerprint -------------------------------------------------------------------------------
+def model_fingerprint(name: str) -> str:
+    """A short stable hash of the weights ``name`` resolves to: config.json plus the name, size
+    and SHA-256 of each weight file (hashes cached by path, size and mtime, so only a changed
+    file is read again). For a hub id it is the id itself."""
+    source = resolve_model(name)
+    if isinstance(source, str):
+        return hashlib.sha256(f"hub:{source}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source / "config.json").read_bytes())
+    for path in sorted(p for p in source.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(f"\0{path.name}\0{path.stat().st_size}\0{_file_sha256(path)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered in ``$TUNELAB_HOME/fingerprints.json`` per absolute path
+    together with the size and mtime it had (entries of deleted files are dropped)."""
+    stat, where = path.stat(), str(path.resolve())
+    cache_file = catalog.home() / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(where)
+    if hit and hit.get("size") == stat.st_size and hit.get("mtime_ns") == stat.st_mtime_ns:
+        return hit["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    cache = {k: v for k, v in cache.items() if Path(k).exists()}
+    cache[where] = {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": digest.hexdigest(),
+    }
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".fingerprints.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return digest.hexdigest()

@@ -1,0 +1,407 @@
+"""The training loop on a tiny random model: RELIABILITY 10, 12-18, reproducibility, run folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.cli import main
+from tunelab.config.load import load_config
+from tunelab.testing import tiny_model_dir
+from tunelab.train.guards import TrainingStopped
+from tunelab.train.loop import Interrupted
+from tunelab.train.setup import ResumeError, run_training
+
+METHODS = ["full", "freeze", "lora"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = []
+    for i in range(16):
+        rows.append({"messages": [
+            {"role": "user", "content": f"Extract the number from: order {i} of {i * 7} boxes"},
+            {"role": "assistant", "content": json.dumps({"order": i, "boxes": i * 7})},
+        ]})  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def config(tmp_path, model_dir, data_file, *extra):
+    base = [
+        f"model.name={model_dir}", f"data.path={data_file}", "data.val_ratio=0.25",
+        f"train.output_dir={tmp_path}", "name=run", "train.micro_batch_size=2", "train.grad_accum=2",
+        "train.max_steps=6", "train.lr=1e-3", "train.eval_steps=2", "train.save_steps=1", "train.keep_last=10",
+        "method.r=4",
+    ]  # fmt: skip
+    return load_config(None, base + list(extra))
+
+
+def losses(run_dir):
+    return [
+        r
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+# -- the run folder ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_run_folder_is_complete(tmp_path, model_dir, data_file, method):
+    run = run_training(config(tmp_path, model_dir, data_file, f"method.name={method}"), log=quiet)
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints",
+        "final",
+        "train_loss.png",
+        "summary.md",
+    } <= names
+    assert (run / "train_loss.png").read_bytes()[:4] == b"\x89PNG"
+    final = {p.name for p in (run / "final").iterdir()}
+    assert ("adapter_config.json" in final) == (method == "lora")
+    assert "tokenizer_config.json" in final
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+    assert any("eval_loss" in r for r in records)
+    assert all(k in records[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
+    assert "best" in (run / "summary.md").read_text().lower()
+
+
+# -- 10: frozen is frozen ----------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["freeze", "lora"])
+def test_frozen_weights_are_bit_identical(tmp_path, model_dir, data_file, method):
+    before = load_file(model_dir / "model.safetensors")
+    run = run_training(
+        config(tmp_path, model_dir, data_file, f"method.name={method}", "method.trainable_layers=1",
+               "train.weight_decay=0.1"),
+        log=quiet,
+    )  # fmt: skip
+    if method == "lora":
+        adapter = load_file(run / "final" / "adapter_model.safetensors")
+        assert adapter and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in adapter)
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        peft = PeftModel.from_pretrained(base, run / "final")
+        frozen = {
+            n.replace("base_model.model.", "").replace(".base_layer", ""): p
+            for n, p in peft.named_parameters() if "lora_" not in n
+        }  # fmt: skip
+    else:
+        frozen = load_file(run / "final" / "model.safetensors")
+    changed = []
+    for name, tensor in before.items():
+        if name not in frozen:
+            continue
+        same = torch.equal(frozen[name], tensor)
+        trained = method == "freeze" and ".layers.1." in name
+        assert same != trained, name
+        changed += [name] if not same else []
+    assert changed or method == "lora"
+
+
+# -- 12: overfit sanity ------------------------------------------------------------------------
+@pytest.mark.parametrize("method, lr", [("full", 5e-3), ("freeze", 5e-3), ("lora", 1e-2)])
+def test_memorises_four_examples(tmp_path, model_dir, data_file, method, lr):
+    small = tmp_path / "four.jsonl"
+    small.write_text("\n".join(data_file.read_text().splitlines()[:4]))
+    cfg = config(
+        tmp_path, model_dir, small, f"method.name={method}", f"train.lr={lr}", "data.val_ratio=0",
+        "train.max_steps=100", "train.micro_batch_size=4", "train.grad_accum=1", "train.save_steps=100",
+        "train.warmup_ratio=0", "train.schedule=constant", "data.prompt_loss_weight=0", "method.r=16",
+        "method.trainable_layers=2", "method.trainable_modules=[lm_head]",
+    )  # fmt: skip
+    if (
+        method == "lora"
+    ):  # a random tiny model's tied head is too weak to fit through the body alone
+        cfg = cfg.model_copy(
+            update={
+                "method": cfg.method.model_copy(update={"targets": ["q_proj", "v_proj", "lm_head"]})
+            }
+        )
+    run = run_training(cfg, log=quiet)
+    history = losses(run)
+    assert history[0]["loss"] > 2.0
+    assert history[-1]["loss"] < 0.05, history[-1]
+
+
+# -- reproducibility and 13: exact resume ------------------------------------------------------
+def test_same_seed_same_losses(tmp_path, model_dir, data_file):
+    a = run_training(config(tmp_path / "a", model_dir, data_file), log=quiet)
+    b = run_training(config(tmp_path / "b", model_dir, data_file), log=quiet)
+    assert [r["loss"] for r in losses(a)] == [r["loss"] for r in losses(b)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("halt", [2, 3])  # steps_per_epoch is 3: mid-epoch, then an epoch boundary
+def test_exact_resume(tmp_path, model_dir, data_file, method, halt):
+    extra = (f"method.name={method}", "train.max_steps=7", "train.warmup_steps=2")
+    full = run_training(config(tmp_path / "full", model_dir, data_file, *extra), log=quiet)
+    cfg = config(tmp_path / "cut", model_dir, data_file, *extra)
+    with pytest.raises(Interrupted):
+        run_training(cfg, log=quiet, halt_at=halt)
+    cut = tmp_path / "cut" / "run"
+    resumed = run_training(load_config(cut / "config.yaml"), resume=cut, log=quiet)
+    a, b = losses(full), losses(resumed)
+    assert [(r["step"], r["loss"], r["lr"], r["order"]) for r in a] == [
+        (r["step"], r["loss"], r["lr"], r["order"]) for r in b
+    ]
+    wa = _final_weights(full)
+    wb = _final_weights(resumed)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa = torch.load(full / "checkpoints" / "step-000007" / "optimizer.pt", weights_only=False)[
+        "state"
+    ]
+    sb = torch.load(resumed / "checkpoints" / "step-000007" / "optimizer.pt", weights_only=False)[
+        "state"
+    ]
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def _final_weights(run):
+    files = list((run / "final").glob("*.safetensors"))
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+# -- 15: killed process ------------------------------------------------------------------------
+def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path, model_dir, data_file):
+    args = [f"model.name={model_dir}", f"data.path={data_file}", "data.val_ratio=0.25", "train.max_steps=5",
+            "train.micro_batch_size=2", "train.save_steps=1", "method.r=4", "name=run"]  # fmt: skip
+    env = {**os.environ, "TUNELAB_KILL_AT_STEP": "3"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunelab",
+        "train",
+        "-q",
+        f"train.output_dir={tmp_path / 'killed'}",
+        *args,
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    killed = tmp_path / "killed" / "run"
+    assert not (killed / "final").exists()
+    env.pop("TUNELAB_KILL_AT_STEP")
+    r = subprocess.run([sys.executable, "-m", "tunelab", "train", "-q", "--resume", str(killed)], env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    whole = run_training(
+        load_config(None, [*args, f"train.output_dir={tmp_path / 'whole'}"]), log=quiet
+    )
+    wa, wb = _final_weights(whole), _final_weights(killed)
+    assert wa and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# -- 14: crash during save ---------------------------------------------------------------------
+def test_crash_during_save_keeps_the_previous_checkpoint(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    import tunelab.train.loop as loop
+
+    real = loop.save_state
+    calls = {"n": 0}
+
+    def failing(folder, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            (folder / "optimizer.pt").write_bytes(b"half")
+            raise OSError("disk full")
+        real(folder, **kw)
+
+    monkeypatch.setattr(loop, "save_state", failing)
+    cfg = config(tmp_path, model_dir, data_file)
+    with pytest.raises(OSError, match="disk full"):
+        run_training(cfg, log=quiet)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not list((run / "checkpoints").glob(".tmp*"))
+    monkeypatch.setattr(loop, "save_state", real)
+    resumed = run_training(load_config(run / "config.yaml"), resume=run, log=quiet)
+    assert [r["step"] for r in losses(resumed)] == list(range(1, 7))
+
+
+# -- 16: mismatched resume ---------------------------------------------------------------------
+def test_mismatched_resume_fails_loudly(tmp_path, model_dir, data_file):
+    cfg = config(tmp_path, model_dir, data_file)
+    with pytest.raises(Interrupted):
+        run_training(cfg, log=quiet, halt_at=2)
+    run = tmp_path / "run"
+    with pytest.raises(ResumeError, match="train.lr"):
+        run_training(load_config(run / "config.yaml", ["train.lr=5e-4"]), resume=run, log=quiet)
+    with pytest.raises(ResumeError, match="method.r"):
+        run_training(load_config(run / "config.yaml", ["method.r=8"]), resume=run, log=quiet)
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(data_file.read_text().replace("boxes", "crates"))
+    with pytest.raises(ResumeError, match="data.path"):
+        run_training(
+            load_config(run / "config.yaml", [f"data.path={other_data}"]), resume=run, log=quiet
+        )
+    other_model = tiny_model_dir(tmp_path / "m2", seed=1)
+    with pytest.raises(ResumeError, match="model"):
+        run_training(
+            load_config(run / "config.yaml", [f"model.name={other_model}"]), resume=run, log=quiet
+        )
+    # extending a run is allowed
+    resumed = run_training(
+        load_config(run / "config.yaml", ["train.max_steps=7"]), resume=run, log=quiet
+    )
+    assert losses(resumed)[-1]["step"] == 7
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, model_dir, data_file, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--resume", str(empty)]) == 2
+    assert "not a tunelab run folder" in capsys.readouterr().err
+    cfg = config(tmp_path, model_dir, data_file)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(
+        (lambda: __import__("tunelab.config.load").config.load.dump_config(cfg))()
+    )
+    with pytest.raises(ResumeError, match="no complete checkpoint"):
+        run_training(cfg, resume=tmp_path / "run", log=quiet)
+
+
+# -- 17: NaN guard -----------------------------------------------------------------------------
+def _nan_at(monkeypatch, step_to_poison):
+    from tunelab.train import loss as loss_mod
+
+    real = loss_mod.SFT.loss_sum
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch):
+        calls["n"] += 1
+        out = real(self, model, batch)
+        return out * float("nan") if calls["n"] == step_to_poison else out
+
+    monkeypatch.setattr(loss_mod.SFT, "loss_sum", poisoned)
+
+
+def test_nan_loss_is_skipped_and_logged(tmp_path, model_dir, data_file, monkeypatch):
+    _nan_at(monkeypatch, 3)  # the 3rd micro-batch forward = step 2 (GA 2)
+    run = run_training(config(tmp_path, model_dir, data_file, "train.nan_action=skip"), log=quiet)
+    history = losses(run)
+    assert [r.get("nan_skipped", False) for r in history] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert all(torch.isfinite(t).all() for t in _final_weights(run).values())
+    assert "nan" in (run / "summary.md").read_text().lower()
+
+
+def test_nan_loss_stops_when_configured(tmp_path, model_dir, data_file, monkeypatch):
+    _nan_at(monkeypatch, 3)
+    with pytest.raises(TrainingStopped, match="non-finite loss"):
+        run_training(config(tmp_path, model_dir, data_file, "train.nan_action=stop"), log=quiet)
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-000001"
+
+
+def test_huge_lr_keeps_parameters_finite(tmp_path, model_dir, data_file):
+    run = run_training(config(tmp_path, model_dir, data_file, "train.lr=1e9", "method.name=full",
+                              "train.max_nan_skips=10"), log=quiet)  # fmt: skip
+    assert any(r.get("nan_skipped") for r in losses(run))
+    assert all(torch.isfinite(t).all() for t in _final_weights(run).values())
+
+
+# -- 18: out of memory -------------------------------------------------------------------------
+def test_out_of_memory_gives_advice(tmp_path, model_dir, data_file, monkeypatch, capsys):
+    from tunelab.train import loss as loss_mod
+
+    def oom(self, model, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loss_mod.SFT, "loss_sum", oom)
+    code = main(["train", "-q", *[f"{a}" for a in _args(tmp_path, model_dir, data_file)]])
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "out of memory" in err
+        and "micro_batch_size=1" in err
+        and "Traceback" not in err
+    )
+
+
+def _args(tmp_path, model_dir, data_file):
+    return [f"model.name={model_dir}", f"data.path={data_file}", f"train.output_dir={tmp_path}",
+            "train.micro_batch_size=2", "train.max_steps=2"]  # fmt: skip
+
+
+# -- bad configs fail before any work ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("method.name=prefix", "method.name: 'prefix' is not allowed"),
+        ("method.r=0", "method.r: input should be greater than 0"),
+        ("train.lr=0", "train.lr: input should be greater than 0"),
+        ("train.lr=-1e-4", "train.lr: input should be greater than 0"),
+        ("model.precision=fp16", "'fp16' needs a CUDA GPU"),
+        ("method.name=qlora", "'qlora' needs a CUDA GPU"),
+        ("model.device=cuda", "this machine has no CUDA GPU"),
+        ("model.name=./no/such/model", "no/such/model"),
+    ],
+)
+def test_bad_config_fails_before_work(tmp_path, model_dir, data_file, capsys, override, expected):
+    if torch.cuda.is_available() and "CUDA" in expected:
+        pytest.skip("this machine has CUDA")
+    code = main(["train", "-q", *_args(tmp_path / "out", model_dir, data_file), override])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_corrupt_weights_file(tmp_path, data_file, capsys):
+    bad = tiny_model_dir(tmp_path / "bad")
+    (bad / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    code = main(["train", "-q", *_args(tmp_path / "out", bad, data_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_bad_data_fails_before_loading_the_model(tmp_path, capsys):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"instruction": "x"}\n')
+    code = main(
+        [
+            "train",
+            "-q",
+            f"data.path={bad}",
+            "model.name=./does/not/matter",
+            f"train.output_dir={tmp_path}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"{bad}:1: output: missing" in err
+
+
+def test_too_few_examples_for_a_batch(tmp_path, model_dir, data_file, capsys):
+    code = main(
+        ["train", "-q", *_args(tmp_path, model_dir, data_file), "train.micro_batch_size=64"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "fewer than one micro-batch" in err
