@@ -9,8 +9,7 @@ from tests.helpers import chat
 from tunelab.data.collate import collate
 from tunelab.data.tokenize import EncodeOptions, encode
 from tunelab.testing import tiny_model, tiny_tokenizer
-from tunelab.train.loss import accumulate
-from tunelab.train.loss import SFT
+from tunelab.train.loss import SFT, accumulate
 
 
 @pytest.fixture(scope="module")

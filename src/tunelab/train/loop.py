@@ -33,7 +33,6 @@ from tunelab.train.guards import TrainingStopped, finite, is_oom, out_of_memory_
 from tunelab.train.loss import Objective, accumulate
 from tunelab.train.report import MetricsLog
 
-
 #: Test hook: ``TUNELAB_KILL_AT_STEP=k`` sends SIGKILL to this process right after step k.
 _KILL_AT = int(os.environ.get("TUNELAB_KILL_AT_STEP", "0")) or None
 
