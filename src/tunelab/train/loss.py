@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tunelab.data.collate import Batch
 
@@ -47,20 +48,70 @@ def weighted_nll_sum(
     return (nll * w[keep]).sum()
 
 
+def split_head(model: torch.nn.Module):
+    """(decoder, output head, logit soft-cap) of a causal LM, PEFT-wrapped or not; None when
+    the model does not expose them (then the plain forward is used)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is lm:
+        return None
+    return decoder, head, getattr(lm.config, "final_logit_softcapping", None)
+
+
+def chunked_head_nll_sum(hidden, head, softcap, targets, weights, chunk: int) -> torch.Tensor:
+    """sum w * NLL over rows of ``hidden`` [N, d], ``chunk`` rows of logits at a time.
+
+    Each chunk's logits are recomputed in the backward pass instead of being kept, so the
+    full [N, vocab] fp32 logits never exist (the LM head is most of the memory of a small model).
+    """
+
+    def piece(h, t, w):
+        logits = head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return (F.cross_entropy(logits, t, reduction="none") * w).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        args = (hidden[i : i + chunk], targets[i : i + chunk], weights[i : i + chunk])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(piece, *args, use_reentrant=False)
+        else:
+            total = total + piece(*args)
+    return total
+
+
 class SFT:
-    """Supervised fine-tuning: weighted next-token NLL (prompt tokens at prompt_loss_weight)."""
+    """Supervised fine-tuning: weighted next-token NLL (prompt tokens at prompt_loss_weight).
+
+    Logits are computed only for targets with a weight, ``chunk`` rows at a time."""
+
+    def __init__(self, chunk: int = 512):
+        self.chunk = chunk
 
     def weight(self, batch: Batch) -> float:
         return float(target_weights(batch).sum())
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        out = model(
+        inputs = dict(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
         )
-        return weighted_nll_sum(out.logits, batch.input_ids, batch.loss_weights)
+        parts = split_head(model)
+        if parts is None:
+            return weighted_nll_sum(model(**inputs).logits, batch.input_ids, batch.loss_weights)
+        decoder, head, softcap = parts
+        hidden = decoder(**inputs).last_hidden_state
+        w = batch.loss_weights[:, 1:]
+        keep = w > 0
+        return chunked_head_nll_sum(
+            hidden[:, :-1][keep], head, softcap, batch.input_ids[:, 1:][keep], w[keep], self.chunk
+        )
 
 
 def accumulate(
