@@ -79,7 +79,8 @@ def test_run_folder_is_complete(tmp_path, model_dir, data_file, method):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert any("eval_loss" in r for r in records)
-    assert all(k in records[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]  # the untrained model, first
+    assert all(k in records[1] for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
     assert "best" in (run / "summary.md").read_text().lower()
 
 
@@ -300,7 +301,10 @@ def _nan_at(monkeypatch, step_to_poison):
 
 def test_nan_loss_is_skipped_and_logged(tmp_path, model_dir, data_file, monkeypatch):
     _nan_at(monkeypatch, 3)  # the 3rd micro-batch forward = step 2 (GA 2)
-    run = run_training(config(tmp_path, model_dir, data_file, "train.nan_action=skip"), log=quiet)
+    cfg = config(
+        tmp_path, model_dir, data_file, "train.nan_action=skip", "train.eval_at_start=false"
+    )
+    run = run_training(cfg, log=quiet)
     history = losses(run)
     assert [r.get("nan_skipped", False) for r in history] == [
         False,
@@ -317,7 +321,10 @@ def test_nan_loss_is_skipped_and_logged(tmp_path, model_dir, data_file, monkeypa
 def test_nan_loss_stops_when_configured(tmp_path, model_dir, data_file, monkeypatch):
     _nan_at(monkeypatch, 3)
     with pytest.raises(TrainingStopped, match="non-finite loss"):
-        run_training(config(tmp_path, model_dir, data_file, "train.nan_action=stop"), log=quiet)
+        cfg = config(
+            tmp_path, model_dir, data_file, "train.nan_action=stop", "train.eval_at_start=false"
+        )
+        run_training(cfg, log=quiet)
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-000001"
 

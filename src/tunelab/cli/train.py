@@ -63,4 +63,18 @@ def train(
 
     with progress:
         run_dir = run_training(cfg, resume=resume, progress=on_step, log=console.print)
-    print(f"run folder: {run_dir}")
+    _print_result(run_dir)
+
+
+def _print_result(run_dir: Path) -> None:
+    import json
+
+    result = json.loads((run_dir / "result.json").read_text())
+    before, best = result.get("initial_eval_loss"), result.get("best_eval_loss")
+    if before is not None and best is not None:
+        print(
+            f"validation loss: {before:.4f} before training -> {best:.4f} best (step {result['best_step']})"
+        )
+    print(f"{result['steps']} steps in {result['seconds']:.0f} s, {result.get('tokens_per_s') or 0:.0f} tokens/s, "
+          f"peak memory {result.get('peak_gpu_gib') or result['peak_rss_gib']} GiB")  # fmt: skip
+    print(f"run folder: {run_dir} (summary.md, train_loss.png, final/)")

@@ -93,6 +93,9 @@ class TrainConfig(Section):
         None, gt=0, description="Evaluate every N steps (default: ~10 per epoch)."
     )
     eval_batch_size: int | None = Field(None, gt=0, description="Default: micro_batch_size.")
+    eval_at_start: bool = Field(
+        True, description="Evaluate the untrained model first (the 'before' number)."
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evals without improvement."
     )

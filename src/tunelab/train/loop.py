@@ -75,6 +75,7 @@ class Session:
 class Outcome:
     steps: int
     train_loss: float | None
+    initial_eval_loss: float | None
     best_eval_loss: float | None
     best_step: int | None
     nan_skips: int
@@ -97,6 +98,15 @@ def evaluate(s: Session) -> float | None:
     """Loss per reply token on the validation set (prompt tokens excluded)."""
     if not s.val_set:
         return None
+    try:
+        return _evaluate(s)
+    except Exception as e:
+        if is_oom(e):
+            raise TrainingStopped(out_of_memory_message(s.cfg, "evaluation")) from None
+        raise
+
+
+def _evaluate(s: Session) -> float | None:
     s.model.eval()
     total = weight = 0.0
     size = s.cfg.train.eval_batch_size or s.cfg.train.micro_batch_size
@@ -150,6 +160,13 @@ def train_loop(s: Session, metrics: MetricsLog, manager: CheckpointManager) -> O
     s.model.train()
     if s.cfg.method.name == "freeze" and s.cfg.method.unfreeze_every:
         unfreeze_schedule(s.model, s.cfg.method, st["step"])
+    if t.eval_at_start and s.val_set and st["step"] == 0:
+        before = evaluate(s)  # the untrained model: where the curve starts
+        st["initial_eval_loss"] = before
+        record = {"step": 0, "eval_loss": before, "eval_ppl": _ppl(before)}
+        metrics.append(record)
+        if s.progress:
+            s.progress(0, s.total_steps, record)
 
     while st["step"] < s.total_steps:
         step = st["step"]
@@ -241,7 +258,8 @@ def train_loop(s: Session, metrics: MetricsLog, manager: CheckpointManager) -> O
             raise Interrupted(st["step"])
 
     return Outcome(
-        steps=st["step"], train_loss=last_loss, best_eval_loss=st["best_eval_loss"], best_step=st["best_step"],
+        steps=st["step"], train_loss=last_loss, initial_eval_loss=st.get("initial_eval_loss"),
+        best_eval_loss=st["best_eval_loss"], best_step=st["best_step"],
         nan_skips=st["nan_skips"], stopped_early=stopped_early, seconds=time.perf_counter() - started,
         tokens=st["tokens"],
     )  # fmt: skip

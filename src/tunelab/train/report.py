@@ -242,6 +242,12 @@ def write_summary(run_dir: Path, info: dict) -> Path:
         _gib(pick("peak_rss_gib")) and f"process {_gib(info['peak_rss_gib'])}",
     )
     add("Final train loss", _loss(pick("final_train_loss")))
+    before = pick("initial_eval_loss")
+    if _is_number(before):
+        add(
+            "Eval loss before training",
+            f"{before:.4f} (perplexity {math.exp(min(before, 700.0)):.2f})",
+        )
     best, step = pick("best_eval_loss"), pick("best_step")
     if _is_number(best):
         perplexity = math.exp(min(best, 700.0))

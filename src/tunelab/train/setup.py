@@ -33,7 +33,7 @@ from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.report import MetricsLog, plot_losses, write_summary
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
-RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "early_stopping_patience",
+RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "early_stopping_patience", "eval_at_start",
                      "output_dir", "eval_batch_size", "max_nan_skips"}  # fmt: skip
 
 
@@ -262,7 +262,8 @@ def _finish(s: Session, outcome: Outcome, train_report, started: float, total_pa
         "dropped": dict(train_report.dropped), "steps": outcome.steps, "seconds": round(outcome.seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1), "tokens": outcome.tokens,
         "tokens_per_s": round(outcome.tokens / outcome.seconds, 1) if outcome.seconds else None,
-        "final_train_loss": outcome.train_loss, "best_eval_loss": outcome.best_eval_loss,
+        "final_train_loss": outcome.train_loss, "initial_eval_loss": outcome.initial_eval_loss,
+        "best_eval_loss": outcome.best_eval_loss,
         "best_step": outcome.best_step, "nan_skips": outcome.nan_skips, "stopped_early": outcome.stopped_early,
         "output": str(final), "parameters": total_params, **_peak_memory(s.device),
     }  # fmt: skip
