@@ -14,6 +14,7 @@ from rich.console import Console
 from tunelab import __version__
 from tunelab.cli import config as config_cli
 from tunelab.cli import data as data_cli
+from tunelab.cli import evaluate as eval_cli
 from tunelab.cli import models as models_cli
 from tunelab.cli import train as train_cli
 from tunelab.errors import TunelabError
@@ -27,6 +28,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("train")(train_cli.train)
+app.command("eval")(eval_cli.eval_command)
+app.command("baseline")(eval_cli.baseline_command)
+app.command("compare")(eval_cli.compare_command)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")

@@ -158,6 +158,51 @@ class DataConfig(Section):
         return value
 
 
+class JudgeConfig(Section):
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."
+    )
+    model: str | None = Field(
+        None, description="The judge model: the endpoint's model id, or a local model."
+    )
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key."
+    )
+    rubric: str | None = Field(
+        None, description="Rubric template with {prompt}, {reference}, {answer}."
+    )
+
+
+class EvalConfig(Section):
+    data: str | None = Field(
+        None, description="Held-out test file (same formats as training data)."
+    )
+    max_new_tokens: int = Field(256, gt=0, description="Longest generated answer.")
+    batch_size: int = Field(32, gt=0, description="Prompts generated together.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    metrics: list[Literal["exact_match", "json_equal", "bleu", "rouge"]] = Field(
+        default_factory=lambda: ["exact_match", "json_equal", "bleu", "rouge"],
+        description="Built-in metrics.",
+    )
+    normalize: bool = Field(
+        False, description="Exact match after lowercasing and stripping punctuation."
+    )
+    metric: str | None = Field(
+        None, description="Your own metric: 'module:function' or 'file.py:function'."
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    general_data: str | None = Field(
+        None, description="A general-ability set evaluated before and after (forgetting)."
+    )
+    at_end: bool = Field(
+        False, description="Evaluate eval.data (and general_data) when training ends."
+    )
+    sheet: bool = Field(False, description="Also write a blind human-rating sheet.")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N examples.")
+
+
 class Config(Section):
     """The whole configuration of a tunelab run."""
 
@@ -168,3 +213,4 @@ class Config(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -182,9 +182,12 @@ def run_training(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    torch.manual_seed(
-        cfg.train.seed
-    )  # adapters initialise the same way, however the model was loaded
+    run_dir.mkdir(parents=True, exist_ok=True)
+    general_before = (
+        evaluate_general_before(cfg, model, tokenizer, run_dir, log) if checkpoint is None else None
+    )
+    # Adapters initialise the same way, however the model was loaded:
+    torch.manual_seed(cfg.train.seed)
     model = apply_method(model, cfg.method)
     trainable, total = count_parameters(model)
     plan = StepPlan([len(x.seq) for x in train_set], micro_batch_size=t.micro_batch_size,
@@ -227,7 +230,72 @@ def run_training(
         torch.cuda.reset_peak_memory_stats()
     outcome = train_loop(session, metrics, manager)
     _finish(session, outcome, train_report, started, total)
+    if cfg.eval.at_end and (cfg.eval.data or cfg.eval.general_data):
+        evaluate_at_end(session, general_before, log)
     return run_dir
+
+
+def evaluate_general_before(cfg: Config, model, tokenizer, run_dir: Path, log) -> dict | None:
+    """The forgetting check's 'before': the base model on the general-ability set."""
+    if not (cfg.eval.at_end and cfg.eval.general_data):
+        return None
+    from tunelab.evaluate.run import Target, evaluate_examples, load_eval_examples
+
+    examples = load_eval_examples(cfg.eval.general_data, limit=cfg.eval.limit)
+    target = Target(model, tokenizer, f"{cfg.model.name} (before)")
+    meta = evaluate_examples(
+        target, examples, _general_cfg(cfg), run_dir / "eval", name="general-before",
+        data_label=cfg.eval.general_data,
+    )  # fmt: skip
+    log(f"general ability before training: {_headline(meta)}")
+    return meta
+
+
+def _general_cfg(cfg: Config):
+    # Short factual answers: normalised exact match is the meaningful score.
+    return cfg.eval.model_copy(update={"normalize": True, "metric": None, "max_new_tokens": 32})
+
+
+def _headline(meta: dict) -> str:
+    m = meta["metrics"]
+    keys = [k for k in ("json_equal", "exact_match", "task") if isinstance(m.get(k), float)]
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
+
+
+def evaluate_at_end(s: Session, general_before: dict | None, log) -> None:
+    """eval.at_end: the fine-tuned model on eval.data, and the forgetting check."""
+    from tunelab.evaluate.run import Target, evaluate_examples, load_eval_examples
+    from tunelab.models.adapters import merge_and_unload
+
+    cfg = s.cfg
+    model = merge_and_unload(s.model).eval()  # after the final save: merging is safe now
+    target = Target(
+        model, s.tokenizer, f"{cfg.model.name} + {s.run_dir.name}", str(s.run_dir / "final")
+    )
+    lines = []
+    if cfg.eval.data:
+        examples = load_eval_examples(cfg.eval.data, cfg.data, cfg.eval.limit)
+        meta = evaluate_examples(
+            target, examples, cfg.eval, s.run_dir / "eval", name="test", data_label=cfg.eval.data
+        )
+        lines.append(
+            f"test set ({meta['examples']} examples): {_headline(meta)} -> {s.run_dir / 'eval' / 'test'}"
+        )
+    if general_before is not None:
+        examples = load_eval_examples(cfg.eval.general_data, limit=cfg.eval.limit)
+        after = evaluate_examples(
+            target, examples, _general_cfg(cfg), s.run_dir / "eval", name="general-after",
+            data_label=cfg.eval.general_data,
+        )  # fmt: skip
+        b, a = general_before["metrics"].get("exact_match"), after["metrics"].get("exact_match")
+        if isinstance(a, float) and isinstance(b, float):
+            lines.append(
+                f"general ability (forgetting check, exact match): {b:.3f} before -> {a:.3f} after ({a - b:+.3f})"
+            )
+    for line in lines:
+        log(line)
+    with open(s.run_dir / "summary.md", "a", encoding="utf-8") as f:
+        f.write("\n## Evaluation at the end\n\n" + "".join(f"- {line}\n" for line in lines))
 
 
 def _peak_memory(device: torch.device) -> dict:

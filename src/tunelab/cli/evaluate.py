@@ -1,0 +1,233 @@
+"""``tunelab eval``, ``tunelab baseline`` and ``tunelab compare``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+_OUT = typer.Option(Path("eval"), "--out", "-o", help="Evaluations are written to OUT/<name>/.")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+_LIMIT = typer.Option(None, "--limit", help="Only the first N examples.")
+_METRIC = typer.Option(
+    None, "--metric", help="Your metric: 'module:function' or 'file.py:function'."
+)
+_CONFIG = typer.Option(
+    None, "--config", "-c", help="Read the eval section (and data settings) from this YAML."
+)
+
+
+def _eval_config(config: Path | None, overrides: list[str]):
+    from tunelab.config.load import load_config
+
+    return load_config(config, overrides)
+
+
+def _flag_overrides(**flags) -> list[str]:
+    return [f"eval.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=True,
+    )  # fmt: skip
+
+
+def _judge(cfg):
+    j = cfg.eval.judge
+    if j.base_url:
+        from tunelab.evaluate.judge import DEFAULT_RUBRIC, HTTPJudge
+
+        if not j.model:
+            from tunelab.errors import ConfigError
+
+            raise ConfigError("eval.judge.model: missing (the endpoint's model id)")
+        return HTTPJudge(
+            j.base_url, j.model, api_key_env=j.api_key_env, rubric=j.rubric or DEFAULT_RUBRIC
+        )
+    if j.model:
+        from tunelab.evaluate.generate import GenerationOptions, generate
+        from tunelab.evaluate.judge import DEFAULT_RUBRIC, LocalJudge
+        from tunelab.evaluate.run import load_target
+
+        local = load_target(j.model)
+        options = GenerationOptions(max_new_tokens=64, batch_size=cfg.eval.batch_size)
+        return LocalJudge(
+            lambda convs: generate(local.model, local.tokenizer, convs, options),
+            rubric=j.rubric or DEFAULT_RUBRIC,
+        )
+    return None
+
+
+def _slug(text: str) -> str:
+    return (
+        re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name if Path(text).exists() else text).strip(
+            "-"
+        )
+        or "model"
+    )
+
+
+def _show(meta: dict, folder: Path, console: Console) -> None:
+    m = meta["metrics"]
+    shown = ", ".join(
+        f"{k} {v:.3f}"
+        for k, v in m.items()
+        if isinstance(v, float)
+        and k in ("exact_match", "json_equal", "task", "bleu", "rougeL", "loss", "judge")
+    )
+    console.print(
+        f"{meta['name']}: {meta['examples']} examples, {shown} ({meta['seconds']:.0f} s) -> {folder}"
+    )
+    for failure in meta.get("judge_failures", [])[:5]:
+        console.print(f"[yellow]judge failure:[/] {failure}")
+
+
+def eval_command(
+    target: str = typer.Argument(
+        ..., help="A run folder (its fine-tune) or a model: catalog name, folder, .gguf, hub id."
+    ),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides, e.g. eval.max_new_tokens=64."
+    ),
+    data: Path | None = typer.Option(None, "--data", "-d", help="The held-out test file."),
+    name: str | None = typer.Option(
+        None, "--name", help="Name of this evaluation (default: from the target)."
+    ),
+    out: Path = _OUT,
+    metric: str | None = _METRIC,
+    limit: int | None = _LIMIT,
+    judge_url: str | None = typer.Option(
+        None, "--judge-url", help="OpenAI-compatible judge endpoint."
+    ),
+    judge_model: str | None = typer.Option(
+        None, "--judge-model", help="Judge model (endpoint id or local model)."
+    ),
+    config: Path | None = _CONFIG,
+    quiet: bool = _QUIET,
+) -> None:
+    """Generate answers for a held-out set and score them (exact, JSON, BLEU, ROUGE, loss, yours, judge)."""
+    from tunelab.evaluate.run import evaluate_examples, load_eval_examples, load_target
+
+    flags = _flag_overrides(data=str(data) if data else None, metric=metric, limit=limit)
+    flags += [f"eval.judge.base_url={judge_url}"] if judge_url else []
+    flags += [f"eval.judge.model={judge_model}"] if judge_model else []
+    cfg = _eval_config(config, flags + list(overrides or []))
+    if not cfg.eval.data:
+        from tunelab.errors import ConfigError
+
+        raise ConfigError("eval.data: missing (pass --data TEST_FILE)")
+    examples = load_eval_examples(cfg.eval.data, cfg.data, cfg.eval.limit)
+    if cfg.eval.metric:
+        from tunelab.evaluate.metrics import load_user_metric
+
+        load_user_metric(cfg.eval.metric)
+    judge = _judge(cfg)
+    console = Console(stderr=True, highlight=False)
+    loaded = load_target(target)
+    label = name or _slug(target)
+    with _progress(quiet) as progress:
+        task = progress.add_task(f"generating ({label})", total=len(examples))
+        meta = evaluate_examples(
+            loaded, examples, cfg.eval, out, name=label, data_label=str(cfg.eval.data),
+            on_progress=lambda n: progress.advance(task, n), judge=judge,
+        )  # fmt: skip
+    _show(meta, out / label, console)
+
+
+def baseline_command(
+    model: str = typer.Option(
+        "smollm2-135m-instruct", "--model", "-m", help="The base model to prompt."
+    ),
+    data: Path = typer.Option(..., "--data", "-d", help="The held-out test file."),
+    shots: str = typer.Option("0,3", "--shots", help="Comma-separated shot counts, e.g. 0,3,5."),
+    train: Path | None = typer.Option(
+        None, "--train", help="Where shots come from (the training split)."
+    ),
+    instruction: str | None = typer.Option(
+        None, "--instruction", help="Extra instruction added to the system prompt."
+    ),
+    seed: int = typer.Option(0, help="Which shots are drawn."),
+    out: Path = _OUT,
+    metric: str | None = _METRIC,
+    limit: int | None = _LIMIT,
+    config: Path | None = _CONFIG,
+    quiet: bool = _QUIET,
+) -> None:
+    """The prompt baseline a fine-tune must beat: the base model zero-shot and k-shot on the test set."""
+    from tunelab.errors import ConfigError
+    from tunelab.evaluate.run import evaluate_examples, load_eval_examples, load_target, pick_shots
+
+    try:
+        counts = [int(x) for x in shots.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--shots {shots!r}: expected comma-separated integers, e.g. 0,3,5"
+        ) from None
+    if any(k < 0 for k in counts) or not counts:
+        raise ConfigError(f"--shots {shots!r}: expected non-negative integers")
+    if any(counts) and train is None:
+        raise ConfigError(
+            "--train: k-shot prompts need the training split to draw shots from (never the test set)"
+        )
+    cfg = _eval_config(config, _flag_overrides(data=str(data), metric=metric, limit=limit))
+    examples = load_eval_examples(data, cfg.data, cfg.eval.limit)
+    pool = load_eval_examples(train, cfg.data) if train else []
+    chosen = {
+        k: pick_shots(pool, k, seed, examples) for k in counts
+    }  # every error before loading a model
+    if cfg.eval.metric:
+        from tunelab.evaluate.metrics import load_user_metric
+
+        load_user_metric(cfg.eval.metric)
+    console = Console(stderr=True, highlight=False)
+    loaded = load_target(model)
+    for k in counts:
+        label = f"baseline-{_slug(model)}-{k}shot"
+        with _progress(quiet) as progress:
+            task = progress.add_task(f"generating ({label})", total=len(examples))
+            meta = evaluate_examples(
+                loaded, examples, cfg.eval, out, name=label, data_label=str(data), shots=chosen[k],
+                instruction=instruction, on_progress=lambda n, t=task, p=progress: p.advance(t, n),
+            )  # fmt: skip
+        _show(meta, out / label, console)
+
+
+def compare_command(
+    evals: list[Path] = typer.Argument(..., help="Evaluation folders; the first is the baseline."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Where compare.md/.html go (default: next to the first)."
+    ),
+    sheet: bool = typer.Option(
+        False, "--sheet", help="Also write a blind human-rating sheet (CSV + key)."
+    ),
+) -> None:
+    """Compare evaluations: every metric, differences with paired-bootstrap 95% intervals, flips."""
+    from tunelab.evaluate.compare import compare, format_table, load_eval, write_report
+
+    runs = [load_eval(p) for p in evals]
+    result = compare(runs)
+    folder = out or evals[0].parent
+    md, html = write_report(result, folder)
+    print(format_table(result))
+    print(f"report: {md} and {html}")
+    if sheet:
+        from tunelab.evaluate.sheet import write_rating_sheet
+
+        first = {(r["source"], r["index"]): r for r in runs[0].records}
+        keys = [
+            k
+            for k in first
+            if all((k in {(r["source"], r["index"]) for r in run.records}) for run in runs)
+        ]
+        by_run = [{(r["source"], r["index"]): r for r in run.records} for run in runs]
+        paths = write_rating_sheet(
+            folder, [first[k]["prompt"] for k in keys], [first[k]["reference"] for k in keys],
+            {run.name: [m[k]["prediction"] for k in keys] for run, m in zip(runs, by_run, strict=True)},
+        )  # fmt: skip
+        print(f"rating sheet: {paths[0]} (key: {paths[1]})")

@@ -1,0 +1,251 @@
+"""One evaluation: a model (or a run's fine-tune) answers a held-out set; we score the answers.
+
+target -> model + tokenizer     (a run folder: its base model + adapter, merged; or any model)
+examples -> conversations       (the prompt turns, after k shots when asked)
+generate -> predictions -> scores (+ loss/perplexity on the references, + judge)
+-> eval/<name>/predictions.jsonl, metrics.json  (written atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.config.schema import DataConfig, EvalConfig
+from tunelab.data.collate import collate
+from tunelab.data.records import Example, Message
+from tunelab.data.split import normalize
+from tunelab.data.tokenize import EncodeOptions, encode
+from tunelab.errors import DataError, Problem, TunelabError
+from tunelab.evaluate.generate import GenerationOptions, generate
+
+CONVERSATION_FORMATS = ("alpaca", "chat", "kto")
+
+
+@dataclass
+class Target:
+    model: torch.nn.Module
+    tokenizer: object
+    label: str  # what was evaluated, for reports
+    adapter: str | None = None
+
+
+def load_target(target: str, *, device: str | None = None) -> Target:
+    """A run folder (its final adapter on its base model, merged) or a model name/folder/file."""
+    from tunelab.config.load import load_config
+    from tunelab.models.adapters import merge_and_unload
+    from tunelab.models.load import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    path = Path(target)
+    if (path / "config.yaml").is_file() and (path / "final").is_dir():
+        final = path / "final"
+        run_cfg = load_config(path / "config.yaml")
+        if (final / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base, _ = load_model(run_cfg.model.name, dtype=dtype, device=device)
+            model = merge_and_unload(PeftModel.from_pretrained(base, final))
+            tokenizer = _tokenizer(final)
+            return Target(
+                model.eval(), tokenizer, f"{run_cfg.model.name} + {path.name}", str(final)
+            )
+        model, tokenizer = load_model(str(final), dtype=dtype, device=device)
+        return Target(model.eval(), tokenizer, f"{path.name} (full)", None)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        raise TunelabError(
+            f"{path}: this run has no final/ folder yet (unfinished? resume it with --resume)"
+        )
+    model, tokenizer = load_model(target, dtype=dtype, device=device)
+    return Target(model.eval(), tokenizer, target, None)
+
+
+def _tokenizer(folder: Path):
+    from tunelab.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(folder))
+
+
+def load_eval_examples(
+    path: str | Path, data_cfg: DataConfig | None = None, limit: int | None = None
+) -> list[Example]:
+    from tunelab.data.pipeline import load_examples
+
+    examples = load_examples(path, data_cfg or DataConfig())
+    bad = [e for e in examples if e.format not in CONVERSATION_FORMATS]
+    if bad:
+        e = bad[0]
+        raise DataError(
+            Problem(e.source.file, e.source.line, None,
+                    f"a {e.format} record cannot be evaluated by generation "
+                    f"(expected one of: {', '.join(CONVERSATION_FORMATS)}: a prompt and a reference answer)")
+        )  # fmt: skip
+    return examples[:limit] if limit else examples
+
+
+def pick_shots(
+    pool: Sequence[Example], k: int, seed: int, test: Sequence[Example]
+) -> list[Example]:
+    """k demonstration examples from ``pool`` (the training split), never one whose prompt
+    appears in the test set; the same k for every test example, chosen by ``seed``."""
+    if k == 0:
+        return []
+    test_prompts = {normalize(e.prompt_key) for e in test}
+    usable = [
+        e
+        for e in pool
+        if e.format in CONVERSATION_FORMATS and normalize(e.prompt_key) not in test_prompts
+    ]
+    if len(usable) < k:
+        raise DataError(
+            Problem(pool[0].source.file if pool else "shots", None, None,
+                    f"{k} shots asked, but only {len(usable)} training examples are usable (not in the test set)")
+        )  # fmt: skip
+    return random.Random(seed).sample(usable, k)
+
+
+def conversation(
+    example: Example, shots: Sequence[Example], instruction: str | None
+) -> list[Message]:
+    """The prompt turns for ``example``: system (+ instruction), then each shot as a user/assistant
+    pair, then the example's own turns up to its last user message."""
+    own = example.messages[:-1]
+    system = [m for m in own if m.role == "system"]
+    rest = [m for m in own if m.role != "system"]
+    sys_text = "\n\n".join([m.content for m in system] + ([instruction] if instruction else []))
+    msgs = [Message("system", sys_text)] if sys_text else []
+    for shot in shots:
+        turns = [m for m in shot.messages if m.role != "system"]
+        msgs += [Message("user", turns[-2].content), Message("assistant", turns[-1].content)]
+    return msgs + rest
+
+
+def reference_loss(
+    target: Target, prompts: list[list[Message]], references: list[str], batch_size: int
+) -> float | None:
+    """Loss per reference token given each prompt (how confident the model is in the reference —
+    not whether its own answer is right)."""
+    from tunelab.data.read import Source
+    from tunelab.train.loss import SFT
+
+    examples = [
+        Example(Source("eval", i), "chat", p + [Message("assistant", r)])
+        for i, (p, r) in enumerate(zip(prompts, references, strict=True))
+    ]
+    report = encode(examples, target.tokenizer, EncodeOptions(prompt_loss_weight=0.0))
+    device = next(target.model.parameters()).device
+    pad = (
+        target.tokenizer.pad_token_id
+        if target.tokenizer.pad_token_id is not None
+        else target.tokenizer.eos_token_id
+    )
+    total = weight = 0.0
+    objective = SFT()
+    with torch.no_grad():
+        for i in range(0, len(report.examples), batch_size):
+            batch = collate([t.seq for t in report.examples[i : i + batch_size]], pad).to(device)
+            total += float(objective.loss_sum(target.model, batch))
+            weight += objective.weight(batch)
+    return total / weight if weight else None
+
+
+def evaluate_examples(
+    target: Target,
+    examples: Sequence[Example],
+    ecfg: EvalConfig,
+    out_dir: Path,
+    *,
+    name: str,
+    data_label: str,
+    shots: Sequence[Example] = (),
+    instruction: str | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    judge=None,
+) -> dict:
+    """Generate, score and write ``out_dir/name/{predictions.jsonl, metrics.json}``."""
+    from tunelab.evaluate.metrics import load_user_metric, score_all
+
+    user_metric = load_user_metric(ecfg.metric) if ecfg.metric else None  # fail before generating
+    started = time.perf_counter()
+    prompts = [conversation(e, shots, instruction) for e in examples]
+    references = [e.response for e in examples]
+    as_dicts = [[{"role": m.role, "content": m.content} for m in p] for p in prompts]
+    options = GenerationOptions(
+        max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, do_sample=ecfg.do_sample,
+        temperature=ecfg.temperature, top_p=ecfg.top_p,
+    )  # fmt: skip
+    predictions = generate(target.model, target.tokenizer, as_dicts, options, on_progress)
+    gen_seconds = time.perf_counter() - started
+    records = [
+        {
+            "index": i,
+            "source": str(e.source),
+            "prompt": e.instruction,
+            "reference": ref,
+            "prediction": pred,
+        }
+        for i, (e, ref, pred) in enumerate(zip(examples, references, predictions, strict=True))
+    ]
+    names = list(ecfg.metrics) + (["task"] if user_metric else [])
+    per_example, summary = score_all(
+        predictions,
+        references,
+        records,
+        names=names,
+        normalize=ecfg.normalize,
+        user_metric=user_metric,
+    )
+    loss = reference_loss(target, prompts, references, ecfg.batch_size)
+    summary["loss"] = loss
+    summary["perplexity"] = float(torch.tensor(loss).exp()) if loss is not None else None
+    judge_failures: list[str] = []
+    if judge is not None:
+        from tunelab.evaluate.judge import judge_all, summarize_judge
+
+        scores, judge_failures = judge_all(
+            judge, [(r["prompt"], r["reference"], r["prediction"]) for r in records]
+        )
+        per_example["judge"] = scores
+        summary.update(
+            {
+                f"judge_{k}" if k != "mean" else "judge": v
+                for k, v in summarize_judge(scores).items()
+            }
+        )
+    for i, r in enumerate(records):
+        r["scores"] = {
+            k: v[i]
+            for k, v in per_example.items()
+            if isinstance(v, list) and len(v) == len(records)
+        }
+    meta = {
+        "name": name, "model": target.label, "adapter": target.adapter, "data": data_label,
+        "shots": len(shots), "shot_sources": [str(s.source) for s in shots], "instruction": instruction,
+        "examples": len(records), "metrics": summary, "judge_failures": judge_failures,
+        "generation": options.__dict__, "seconds": round(time.perf_counter() - started, 1),
+        "generation_seconds": round(gen_seconds, 1),
+    }  # fmt: skip
+    _write(out_dir / name, records, meta)
+    return meta
+
+
+def _write(folder: Path, records: list[dict], meta: dict) -> None:
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (tmp / "metrics.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
