@@ -16,11 +16,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## The main job: check the example task's data, then LoRA fine-tune the default model on it
-## (SmolLM2-135M-Instruct, about 10 minutes on a 2-core CPU) with validation before and after.
+## The main job, the whole story on the example task (structured extraction into JSON) with the
+## default model (SmolLM2-135M-Instruct): check the data, prompt baselines (0- and 3-shot), a LoRA
+## fine-tune evaluated on the test set with a forgetting check, and the comparison table.
+DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+TUNELAB := $(VENV)/bin/tunelab
 demo: install
-	$(VENV)/bin/tunelab data check examples/extract/train.jsonl --eval examples/extract/test.jsonl --model smollm2-135m-instruct
-	$(VENV)/bin/tunelab train examples/extract/train.yaml
+	$(TUNELAB) data check examples/extract/train.jsonl --eval examples/extract/test.jsonl --model smollm2-135m-instruct
+	$(TUNELAB) baseline --model smollm2-135m-instruct --data examples/extract/test.jsonl \
+		--train examples/extract/train.jsonl --shots 0,3 --metric examples/extract/metric.py:field_accuracy \
+		eval.max_new_tokens=96 --out $(DEMO)-baseline
+	$(TUNELAB) train examples/extract/train.yaml name=$(notdir $(DEMO)) train.output_dir=$(dir $(DEMO))
+	$(TUNELAB) compare $(DEMO)-baseline/*-0shot $(DEMO)-baseline/*-3shot $(DEMO)/eval/test --out $(DEMO)
 
 ## Every test: unit, integration and slow (real tokenizer); gpu tests skip without CUDA.
 test: install

@@ -141,6 +141,9 @@ def eval_command(
 
 
 def baseline_command(
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides, e.g. eval.max_new_tokens=64."
+    ),
     model: str = typer.Option(
         "smollm2-135m-instruct", "--model", "-m", help="The base model to prompt."
     ),
@@ -175,7 +178,9 @@ def baseline_command(
         raise ConfigError(
             "--train: k-shot prompts need the training split to draw shots from (never the test set)"
         )
-    cfg = _eval_config(config, _flag_overrides(data=str(data), metric=metric, limit=limit))
+    cfg = _eval_config(
+        config, _flag_overrides(data=str(data), metric=metric, limit=limit) + list(overrides or [])
+    )
     examples = load_eval_examples(data, cfg.data, cfg.eval.limit)
     pool = load_eval_examples(train, cfg.data) if train else []
     chosen = {
