@@ -1,0 +1,1 @@
+"""Evaluation: generate, score, judge, compare."""
