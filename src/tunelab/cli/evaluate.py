@@ -41,14 +41,17 @@ def _progress(quiet: bool) -> Progress:
 def _judge(cfg):
     j = cfg.eval.judge
     if j.base_url:
-        from tunelab.evaluate.judge import DEFAULT_RUBRIC, HTTPJudge
+        from tunelab.evaluate.judge import DEFAULT_KEY_ENV, DEFAULT_RUBRIC, HTTPJudge
 
         if not j.model:
             from tunelab.errors import ConfigError
 
             raise ConfigError("eval.judge.model: missing (the endpoint's model id)")
         return HTTPJudge(
-            j.base_url, j.model, api_key_env=j.api_key_env, rubric=j.rubric or DEFAULT_RUBRIC
+            j.base_url,
+            j.model,
+            api_key_env=j.api_key_env or DEFAULT_KEY_ENV,
+            rubric=j.rubric or DEFAULT_RUBRIC,
         )
     if j.model:
         from tunelab.evaluate.generate import GenerationOptions, generate

@@ -166,7 +166,8 @@ class JudgeConfig(Section):
         None, description="The judge model: the endpoint's model id, or a local model."
     )
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the API key."
+        None,
+        description="Environment variable with the API key (must be set when named; default: OPENAI_API_KEY if set).",
     )
     rubric: str | None = Field(
         None, description="Rubric template with {prompt}, {reference}, {answer}."
