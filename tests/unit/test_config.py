@@ -42,7 +42,10 @@ def test_unknown_key_names_file_line_and_allowed_keys(tmp_path):
 def test_unknown_section(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("trian:\n  lr: 1\n")
-    assert f"{p}:1: trian: unknown key (allowed: name, model, method, data, train, eval)" in error_of(p)
+    assert (
+        f"{p}:1: trian: unknown key (allowed: name, model, method, data, train, eval)"
+        in error_of(p)
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,212 @@
+"""Generation, the eval / baseline / compare commands, and evaluation at the end of training."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import chat
+from tunelab.cli import main
+from tunelab.config.load import load_config
+from tunelab.evaluate.generate import GenerationOptions, generate
+from tunelab.evaluate.run import conversation, load_eval_examples, pick_shots
+from tunelab.testing import tiny_model, tiny_model_dir, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def write_jsonl(path, n, start=0):
+    rows = [
+        {"messages": [{"role": "user", "content": f"Give the JSON for item {i} of colour c{i}"},
+                      {"role": "assistant", "content": json.dumps({"item": i})}]}
+        for i in range(start, start + n)
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+# -- generation --------------------------------------------------------------------------------
+def test_batched_left_padded_generation_equals_one_at_a_time():
+    tok = tiny_tokenizer("chatml")
+    model = tiny_model(tok)
+    convs = [[{"role": "user", "content": "Hi" + " there" * k}] for k in (0, 5, 11, 2)]
+    options = GenerationOptions(max_new_tokens=8, batch_size=4)
+    together = generate(model, tok, convs, options)
+    alone = [
+        generate(model, tok, [c], GenerationOptions(max_new_tokens=8, batch_size=1))[0]
+        for c in convs
+    ]
+    assert together == alone
+    assert all(isinstance(t, str) for t in together)
+
+
+def test_generation_stops_at_the_end_of_turn():
+    tok = tiny_tokenizer("chatml")
+    model = tiny_model(tok)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make <|im_end|> the only likely next token
+        model.lm_head.weight.data.zero_()
+        model.lm_head.weight.data[end] = 1.0
+        model.model.embed_tokens.weight.data[end] = 1.0
+    out = generate(
+        model, tok, [[{"role": "user", "content": "Hi"}]], GenerationOptions(max_new_tokens=20)
+    )
+    assert out == [""]
+
+
+# -- shots -------------------------------------------------------------------------------------
+def test_shots_never_come_from_the_test_set_and_are_deterministic(tmp_path):
+    train = load_eval_examples(write_jsonl(tmp_path / "train.jsonl", 20))
+    test = load_eval_examples(
+        write_jsonl(tmp_path / "test.jsonl", 10, start=15)
+    )  # items 15-19 overlap
+    for seed in range(20):
+        shots = pick_shots(train, 3, seed, test)
+        assert len(shots) == 3
+        assert all(int(json.loads(s.response)["item"]) < 15 for s in shots)
+    assert pick_shots(train, 3, 1, test) == pick_shots(train, 3, 1, test)
+    with pytest.raises(Exception, match="only 15 training examples are usable"):
+        pick_shots(train, 16, 0, test)
+
+
+def test_k_shot_conversation_shape(tmp_path):
+    train = load_eval_examples(write_jsonl(tmp_path / "train.jsonl", 5))
+    ex = chat("the question", "the answer", system="be brief")
+    msgs = conversation(ex, train[:2], "Answer in JSON.")
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[0].content == "be brief\n\nAnswer in JSON." and msgs[-1].content == "the question"
+
+
+# -- the commands ------------------------------------------------------------------------------
+def test_eval_writes_predictions_and_metrics(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "test.jsonl", 6)
+    metric = tmp_path / "m.py"
+    metric.write_text(
+        "def score(prediction, reference, record):\n    return float(len(prediction) > 0)\n"
+    )
+    code = main(["eval", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev"), "--name", "tiny",
+                 "--metric", f"{metric}:score", "eval.max_new_tokens=5", "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    folder = tmp_path / "ev" / "tiny"
+    records = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
+    meta = json.loads((folder / "metrics.json").read_text())
+    assert len(records) == 6 and meta["examples"] == 6
+    assert {
+        "exact_match",
+        "json_equal",
+        "bleu",
+        "rouge1",
+        "rougeL",
+        "task",
+        "loss",
+        "perplexity",
+    } <= meta["metrics"].keys()
+    assert (
+        records[0]["reference"] == '{"item": 0}'
+        and "prediction" in records[0]
+        and "scores" in records[0]
+    )
+    assert meta["metrics"]["perplexity"] > 1
+
+
+def test_bad_metric_fails_before_loading_the_model(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "test.jsonl", 3)
+    code = main(
+        ["eval", "./no/such/model", "--data", str(data), "--metric", "nosuchmodule_xyz:f", "-q"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "nosuchmodule_xyz" in err and "Traceback" not in err
+
+
+def test_baseline_needs_a_training_split_for_shots(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "test.jsonl", 3)
+    code = main(["baseline", "--model", "./x", "--data", str(data), "--shots", "0,3"])
+    assert code == 2 and "--train" in capsys.readouterr().err
+
+
+def test_eval_rejects_preference_data(tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    code = main(["eval", "./x", "--data", str(data), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{data}:1" in err and "cannot be evaluated by generation" in err
+
+
+def test_baseline_train_eval_compare_end_to_end(tmp_path, model_dir, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", 16)
+    test = write_jsonl(tmp_path / "test.jsonl", 6, start=100)
+    code = main(["baseline", "--model", str(model_dir), "--data", str(test), "--train", str(train),
+                 "--shots", "0,2", "--out", str(tmp_path / "base"), "eval.max_new_tokens=6", "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    base = sorted((tmp_path / "base").iterdir())
+    assert [p.name.split("-")[-1] for p in base] == ["0shot", "2shot"]
+    shots_meta = json.loads((base[1] / "metrics.json").read_text())
+    assert shots_meta["shots"] == 2 and all(
+        s.startswith(str(train)) for s in shots_meta["shot_sources"]
+    )
+    cfg = load_config(None, [
+        f"model.name={model_dir}", f"data.path={train}", "data.val_ratio=0.25", f"train.output_dir={tmp_path}",
+        "name=run", "train.max_steps=2", "train.micro_batch_size=2", "method.r=4", f"eval.data={test}",
+        "eval.at_end=true", f"eval.general_data={test}", "eval.max_new_tokens=6",
+    ])  # fmt: skip
+    from tunelab.train.setup import run_training
+
+    run = run_training(cfg, log=lambda *a: None)
+    assert (run / "eval" / "test" / "metrics.json").is_file()
+    assert (run / "eval" / "general-before" / "metrics.json").is_file()
+    assert "forgetting check" in (run / "summary.md").read_text()
+    code = main(["eval", str(run), "--data", str(test), "--out", str(tmp_path / "ev"), "--name", "ft",
+                 "eval.max_new_tokens=6", "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    a = json.loads((run / "eval" / "test" / "predictions.jsonl").read_text().splitlines()[0])
+    b = json.loads((tmp_path / "ev" / "ft" / "predictions.jsonl").read_text().splitlines()[0])
+    assert a["prediction"] == b["prediction"]  # the saved adapter reproduces the in-memory model
+    code = main(
+        [
+            "compare",
+            str(base[0]),
+            str(base[1]),
+            str(run / "eval" / "test"),
+            "--out",
+            str(tmp_path / "cmp"),
+            "--sheet",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "exact_match" in out
+    assert (tmp_path / "cmp" / "compare.md").is_file() and (
+        tmp_path / "cmp" / "compare.html"
+    ).is_file()
+    assert (tmp_path / "cmp" / "rating_sheet.csv").is_file()
+
+
+def test_http_judge_end_to_end(tmp_path, model_dir, capsys):
+    from tests.fakes.openai_server import serve
+
+    data = write_jsonl(tmp_path / "test.jsonl", 3)
+    with serve(lambda request: "Fair attempt.\nScore: 6") as base_url:
+        code = main(["eval", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev"), "--name", "j",
+                     "--judge-url", base_url, "--judge-model", "judge-1", "eval.max_new_tokens=4",
+                     "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "ev" / "j" / "metrics.json").read_text())
+    assert meta["metrics"]["judge"] == 6.0 and not meta["judge_failures"]
+
+
+def test_failing_judge_is_reported_not_scored(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "test.jsonl", 2)
+    code = main(["eval", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev"), "--name", "j",
+                 "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x", "eval.max_new_tokens=4",
+                 "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and "judge failure" in err
+    meta = json.loads((tmp_path / "ev" / "j" / "metrics.json").read_text())
+    assert len(meta["judge_failures"]) == 2
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "ev" / "j" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert all(r["scores"]["judge"] is None for r in records)
