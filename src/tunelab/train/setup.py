@@ -183,6 +183,8 @@ def run_training(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:  # first thing in the folder: it is a run folder from now on (resumable)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     general_before = (
         evaluate_general_before(cfg, model, tokenizer, run_dir, log) if checkpoint is None else None
     )
@@ -207,7 +209,6 @@ def run_training(
         eval_steps=eval_steps, save_steps=save_steps, device=device, autocast_dtype=autocast_dtype,
         scaler=scaler, fingerprint=current_fp, progress=progress, halt_at=halt_at,
     )  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if checkpoint is not None:
         resume_from(session, checkpoint)
@@ -215,8 +216,6 @@ def run_training(
         log(
             f"resuming {run_dir} from {checkpoint.name} (step {session.state['step']} of {total_steps})"
         )
-    else:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
     dropped = sum(train_report.dropped.values())
     log(
         f"run folder: {run_dir}\n"
