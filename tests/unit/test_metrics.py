@@ -272,3 +272,14 @@ def test_score_all_rejects_unknown_names_and_task_without_a_function():
         score_all(["a"], ["a"], None, names=["task"])
     with pytest.raises(ValueError, match="1 predictions but 2 records"):
         score_all(["a"], ["a"], [{}, {}], names=["exact_match"])
+
+
+def test_contains_matches_whole_words_after_normalising():
+    from tunelab.evaluate.metrics import contains
+
+    assert contains("The capital of France is Paris.", "Paris") == 1.0
+    assert contains("paris!", "Paris") == 1.0
+    assert contains("Parisian food", "Paris") == 0.0
+    assert contains("Seven plus five is 12.", "12") == 1.0
+    assert contains("It is 120.", "12") == 0.0
+    assert contains("anything", "  ") == 0.0

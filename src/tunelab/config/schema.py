@@ -183,7 +183,7 @@ class EvalConfig(Section):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    metrics: list[Literal["exact_match", "json_equal", "bleu", "rouge"]] = Field(
+    metrics: list[Literal["exact_match", "contains", "json_equal", "bleu", "rouge"]] = Field(
         default_factory=lambda: ["exact_match", "json_equal", "bleu", "rouge"],
         description="Built-in metrics.",
     )

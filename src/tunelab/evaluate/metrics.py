@@ -33,7 +33,7 @@ from pathlib import Path
 from tunelab.errors import ConfigError
 
 #: The names :func:`score_all` accepts (``rouge`` expands to rouge1, rouge2, rougeL).
-METRIC_NAMES = ("exact_match", "json_equal", "bleu", "rouge", "task")
+METRIC_NAMES = ("exact_match", "contains", "json_equal", "bleu", "rouge", "task")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 #: At most this many failure messages are kept in the summary (the count is always exact).
 MAX_FAILURE_MESSAGES = 20
@@ -74,6 +74,15 @@ def exact_match(pred: str, ref: str, *, normalize: bool = False) -> float:
 
 
 # --- JSON equality ---------------------------------------------------------------------------
+
+
+def contains(pred: str, ref: str) -> float:
+    """1.0 when the normalised reference appears in the normalised answer as whole words.
+
+    For short factual answers a chatty model wraps in a sentence ("The capital of France is
+    Paris." for "Paris"); exact match would call that wrong."""
+    p, r = f" {normalize_text(pred)} ", f" {normalize_text(ref)} "
+    return 1.0 if r.strip() and r in p else 0.0
 
 
 def parse_json(text: str) -> tuple[bool, object]:
@@ -310,6 +319,8 @@ def score_all(
         per["exact_match"] = [
             exact_match(p, r, normalize=normalize) for p, r in zip(preds, refs, strict=True)
         ]
+    if "contains" in names:
+        per["contains"] = [contains(p, r) for p, r in zip(preds, refs, strict=True)]
     if "json_equal" in names:
         per["json_equal"] = [json_equal(p, r) for p, r in zip(preds, refs, strict=True)]
     if "bleu" in names:

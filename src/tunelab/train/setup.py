@@ -252,12 +252,21 @@ def evaluate_general_before(cfg: Config, model, tokenizer, run_dir: Path, log) -
 
 def _general_cfg(cfg: Config):
     # Short factual answers: normalised exact match is the meaningful score.
-    return cfg.eval.model_copy(update={"normalize": True, "metric": None, "max_new_tokens": 32})
+    return cfg.eval.model_copy(
+        update={
+            "normalize": True,
+            "metric": None,
+            "max_new_tokens": 32,
+            "metrics": ["exact_match", "contains"],
+        }
+    )
 
 
 def _headline(meta: dict) -> str:
     m = meta["metrics"]
-    keys = [k for k in ("json_equal", "exact_match", "task") if isinstance(m.get(k), float)]
+    keys = [
+        k for k in ("json_equal", "exact_match", "contains", "task") if isinstance(m.get(k), float)
+    ]
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
 
 
@@ -286,10 +295,10 @@ def evaluate_at_end(s: Session, general_before: dict | None, log) -> None:
             target, examples, _general_cfg(cfg), s.run_dir / "eval", name="general-after",
             data_label=cfg.eval.general_data,
         )  # fmt: skip
-        b, a = general_before["metrics"].get("exact_match"), after["metrics"].get("exact_match")
+        b, a = general_before["metrics"].get("contains"), after["metrics"].get("contains")
         if isinstance(a, float) and isinstance(b, float):
             lines.append(
-                f"general ability (forgetting check, exact match): {b:.3f} before -> {a:.3f} after ({a - b:+.3f})"
+                f"general ability (forgetting check, answer contained): {b:.3f} before -> {a:.3f} after ({a - b:+.3f})"
             )
     for line in lines:
         log(line)
