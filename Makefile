@@ -27,7 +27,7 @@ demo: install
 		--train examples/extract/train.jsonl --shots 0,3 --metric examples/extract/metric.py:field_accuracy \
 		eval.max_new_tokens=96 --out $(DEMO)-baseline
 	$(TUNELAB) train examples/extract/train.yaml name=$(notdir $(DEMO)) train.output_dir=$(dir $(DEMO))
-	$(TUNELAB) compare $(DEMO)-baseline/*-0shot $(DEMO)-baseline/*-3shot $(DEMO)/eval/test --out $(DEMO)
+	$(TUNELAB) compare $(DEMO)-baseline/base-0shot $(DEMO)-baseline/base-3shot $(DEMO)/eval/finetuned --out $(DEMO)
 
 ## Every test: unit, integration and slow (real tokenizer); gpu tests skip without CUDA.
 test: install

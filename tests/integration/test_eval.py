@@ -155,13 +155,13 @@ def test_baseline_train_eval_compare_end_to_end(tmp_path, model_dir, capsys):
     from tunelab.train.setup import run_training
 
     run = run_training(cfg, log=lambda *a: None)
-    assert (run / "eval" / "test" / "metrics.json").is_file()
+    assert (run / "eval" / "finetuned" / "metrics.json").is_file()
     assert (run / "eval" / "general-before" / "metrics.json").is_file()
     assert "forgetting check" in (run / "summary.md").read_text()
     code = main(["eval", str(run), "--data", str(test), "--out", str(tmp_path / "ev"), "--name", "ft",
                  "eval.max_new_tokens=6", "-q"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    a = json.loads((run / "eval" / "test" / "predictions.jsonl").read_text().splitlines()[0])
+    a = json.loads((run / "eval" / "finetuned" / "predictions.jsonl").read_text().splitlines()[0])
     b = json.loads((tmp_path / "ev" / "ft" / "predictions.jsonl").read_text().splitlines()[0])
     assert a["prediction"] == b["prediction"]  # the saved adapter reproduces the in-memory model
     code = main(
@@ -169,7 +169,7 @@ def test_baseline_train_eval_compare_end_to_end(tmp_path, model_dir, capsys):
             "compare",
             str(base[0]),
             str(base[1]),
-            str(run / "eval" / "test"),
+            str(run / "eval" / "finetuned"),
             "--out",
             str(tmp_path / "cmp"),
             "--sheet",

@@ -159,6 +159,7 @@ def baseline_command(
         None, "--instruction", help="Extra instruction added to the system prompt."
     ),
     seed: int = typer.Option(0, help="Which shots are drawn."),
+    prefix: str = typer.Option("base", "--prefix", help="Evaluations are named PREFIX-<k>shot."),
     out: Path = _OUT,
     metric: str | None = _METRIC,
     limit: int | None = _LIMIT,
@@ -196,7 +197,7 @@ def baseline_command(
     console = Console(stderr=True, highlight=False)
     loaded = load_target(model)
     for k in counts:
-        label = f"baseline-{_slug(model)}-{k}shot"
+        label = f"{prefix}-{k}shot"
         with _progress(quiet) as progress:
             task = progress.add_task(f"generating ({label})", total=len(examples))
             meta = evaluate_examples(

@@ -284,10 +284,15 @@ def evaluate_at_end(s: Session, general_before: dict | None, log) -> None:
     if cfg.eval.data:
         examples = load_eval_examples(cfg.eval.data, cfg.data, cfg.eval.limit)
         meta = evaluate_examples(
-            target, examples, cfg.eval, s.run_dir / "eval", name="test", data_label=cfg.eval.data
+            target,
+            examples,
+            cfg.eval,
+            s.run_dir / "eval",
+            name="finetuned",
+            data_label=cfg.eval.data,
         )
         lines.append(
-            f"test set ({meta['examples']} examples): {_headline(meta)} -> {s.run_dir / 'eval' / 'test'}"
+            f"test set ({meta['examples']} examples): {_headline(meta)} -> {s.run_dir / 'eval' / 'finetuned'}"
         )
     if general_before is not None:
         examples = load_eval_examples(cfg.eval.general_data, limit=cfg.eval.limit)
