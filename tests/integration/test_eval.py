@@ -210,3 +210,16 @@ def test_failing_judge_is_reported_not_scored(tmp_path, model_dir, capsys):
         for x in (tmp_path / "ev" / "j" / "predictions.jsonl").read_text().splitlines()
     ]
     assert all(r["scores"]["judge"] is None for r in records)
+
+
+def test_bad_eval_inputs_fail_before_training(tmp_path, model_dir, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", 8)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n')
+    base = [f"model.name={model_dir}", f"data.path={train}", f"train.output_dir={tmp_path / 'out'}",
+            "train.micro_batch_size=2", "eval.at_end=true"]  # fmt: skip
+    code = main(["train", "-q", *base, f"eval.data={bad}"])
+    assert code == 2 and f"{bad}:1: output: missing" in capsys.readouterr().err
+    code = main(["train", "-q", *base, f"eval.data={train}", "eval.metric=no_such_mod_q:f"])
+    assert code == 2 and "no_such_mod_q" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

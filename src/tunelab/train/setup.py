@@ -114,10 +114,9 @@ def load_resume_config(run_dir: Path, overrides: list[str]) -> Config:
     return load_config(saved, overrides)
 
 
-def _datasets(cfg: Config, tokenizer):
-    examples = load_examples(cfg.data.path, cfg.data)
+def _datasets(cfg: Config, tokenizer, examples, val_examples):
     if cfg.data.val_path:
-        train_ex, val_ex = examples, load_examples(cfg.data.val_path, cfg.data)
+        train_ex, val_ex = examples, val_examples
     elif cfg.data.val_ratio > 0:
         idx = split_indices(examples, [1 - cfg.data.val_ratio, cfg.data.val_ratio], cfg.data.seed)
         train_ex, val_ex = [examples[i] for i in idx[0]], [examples[i] for i in idx[1]]
@@ -142,9 +141,10 @@ def run_training(
     device, weight_dtype, autocast_dtype = check_device(cfg)
     run_dir = prepare_run_dir(cfg, resume)
     # Validate the data before loading any model (and before hashing it for the fingerprint).
-    load_examples(cfg.data.path, cfg.data)
-    if cfg.data.val_path:
-        load_examples(cfg.data.val_path, cfg.data)
+    examples = load_examples(cfg.data.path, cfg.data)
+    val_examples = load_examples(cfg.data.val_path, cfg.data) if cfg.data.val_path else None
+    if cfg.eval.at_end:  # what is evaluated after training must be readable before it
+        _check_eval_inputs(cfg)
     manager = CheckpointManager(run_dir, keep_last=cfg.train.keep_last)
     checkpoint = None
     current_fp = fingerprint(cfg)
@@ -169,7 +169,7 @@ def run_training(
         cfg.model.name, dtype=weight_dtype, device=str(device), tokenizer=cfg.model.tokenizer,
         quantize_bits=cfg.method.bits if cfg.method.name == "qlora" else None,
     )  # fmt: skip
-    train_report, val_set = _datasets(cfg, tokenizer)
+    train_report, val_set = _datasets(cfg, tokenizer, examples, val_examples)
     train_set = train_report.examples
     t = cfg.train
     if len(train_set) < t.micro_batch_size:
@@ -232,6 +232,21 @@ def run_training(
     if cfg.eval.at_end and (cfg.eval.data or cfg.eval.general_data):
         evaluate_at_end(session, general_before, log)
     return run_dir
+
+
+def _check_eval_inputs(cfg: Config) -> None:
+    from tunelab.evaluate.run import load_eval_examples
+
+    for key in ("data", "general_data"):
+        path = getattr(cfg.eval, key)
+        if path is not None:
+            if not Path(path).is_file():
+                raise DataError(Problem(str(path), None, None, f"eval.{key}: file not found"))
+            load_eval_examples(path, cfg.data if key == "data" else None)
+    if cfg.eval.metric:
+        from tunelab.evaluate.metrics import load_user_metric
+
+        load_user_metric(cfg.eval.metric)
 
 
 def evaluate_general_before(cfg: Config, model, tokenizer, run_dir: Path, log) -> dict | None:
