@@ -130,8 +130,9 @@ def split(
 
     Records with the same (normalised) prompt always land in the same split: no leakage.
     """
-    from tunelab.data.pipeline import load_examples
+    from tunelab.data.pipeline import dedup as drop_duplicates
     from tunelab.data.read import read_rows
+    from tunelab.data.records import parse_examples
     from tunelab.data.split import split_indices, write_jsonl_atomic_many
     from tunelab.errors import ConfigError
 
@@ -144,12 +145,16 @@ def split(
     if len(shares) not in (2, 3):
         raise ConfigError(f"--ratios {ratios!r}: expected two or three shares (train,val[,test])")
     cfg = _data_config(config, format=format, dedup=dedup)
-    rows = read_rows(file)
-    examples = load_examples(file, cfg)
-    if len(examples) < len(rows):
-        print(f"dropped {len(rows) - len(examples)} exact duplicate(s)")
-        index = {(r.source.line): i for i, r in enumerate(rows)}
-        rows = [rows[index[ex.source.line]] for ex in examples]
+    rows = read_rows(file)  # read once: the examples to split, and the original rows to write
+    examples = parse_examples(
+        rows, format=cfg.format, columns=cfg.columns, system_prompt=cfg.system_prompt
+    )
+    if cfg.dedup:
+        kept = drop_duplicates(examples)
+        print(f"dropped {len(examples) - len(kept)} exact duplicate(s)")
+        keep = {id(ex) for ex in kept}
+        rows = [r for r, ex in zip(rows, examples, strict=True) if id(ex) in keep]
+        examples = kept
     parts = split_indices(examples, shares, seed)
     names = ("train", "val", "test")[: len(shares)]
     folder = out or file.parent / f"{file.stem}_split"
