@@ -1,9 +1,9 @@
 """The training loop on a tiny random model: RELIABILITY 10, 12-18, reproducibility, run folder."""
 
 import json
-import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,8 +13,8 @@ from tunelab.cli import main
 from tunelab.config.load import load_config
 from tunelab.testing import tiny_model_dir
 from tunelab.train.guards import TrainingStopped
-from tunelab.train.loop import Interrupted
-from tunelab.train.setup import ResumeError, run_training
+from tunelab.train.plan import ResumeError
+from tunelab.workflow.finetune import finetune as run_training
 
 METHODS = ["full", "freeze", "lora"]
 
@@ -57,6 +57,23 @@ def losses(run_dir):
 
 def quiet(*_a, **_k):
     pass
+
+
+class Interrupted(Exception):
+    """Raised from the progress callback: the process stops as a crash would."""
+
+
+def halt_after(step, seen=None):
+    """A progress callback that stops the run once step ``step + 1`` has been computed, so
+    the last checkpoint is step ``step``'s (with save_steps=1). ``seen`` collects the steps."""
+
+    def progress(at, _total, record):
+        if seen is not None and "loss" in record:
+            seen.append(record["step"])
+        if "loss" in record and record["step"] == step + 1:
+            raise Interrupted(step)
+
+    return progress
 
 
 # -- the run folder ----------------------------------------------------------------------------
@@ -157,9 +174,12 @@ def test_exact_resume(tmp_path, model_dir, data_file, method, halt):
     full = run_training(config(tmp_path / "full", model_dir, data_file, *extra), log=quiet)
     cfg = config(tmp_path / "cut", model_dir, data_file, *extra)
     with pytest.raises(Interrupted):
-        run_training(cfg, log=quiet, halt_at=halt)
+        run_training(cfg, log=quiet, progress=halt_after(halt))
     cut = tmp_path / "cut" / "run"
-    resumed = run_training(load_config(cut / "config.yaml"), resume=cut, log=quiet)
+    seen = []
+    resumed = run_training(load_config(cut / "config.yaml"), resume=cut, log=quiet,
+                           progress=halt_after(99, seen))  # fmt: skip
+    assert seen == list(range(halt + 1, 8))  # the resumed process ran only the missing steps
     a, b = losses(full), losses(resumed)
     assert [(r["step"], r["loss"], r["lr"], r["order"]) for r in a] == [
         (r["step"], r["loss"], r["lr"], r["order"]) for r in b
@@ -187,24 +207,21 @@ def _final_weights(run):
 
 # -- 15: killed process ------------------------------------------------------------------------
 def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path, model_dir, data_file):
-    args = [f"model.name={model_dir}", f"data.path={data_file}", "data.val_ratio=0.25", "train.max_steps=5",
-            "train.micro_batch_size=2", "train.save_steps=1", "method.r=4", "name=run"]  # fmt: skip
-    env = {**os.environ, "TUNELAB_KILL_AT_STEP": "3"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "tunelab",
-        "train",
-        "-q",
-        f"train.output_dir={tmp_path / 'killed'}",
-        *args,
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert r.returncode == -9, r.stderr
+    args = [f"model.name={model_dir}", f"data.path={data_file}", "data.val_ratio=0.25", "train.max_steps=30",
+            "train.micro_batch_size=2", "train.save_steps=2", "method.r=4", "name=run"]  # fmt: skip
+    cmd = [sys.executable, "-m", "tunelab", "train", "-q", f"train.output_dir={tmp_path / 'killed'}", *args]
     killed = tmp_path / "killed" / "run"
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:  # kill it from outside once it is a few steps in, wherever it is then
+        deadline = time.monotonic() + 120
+        while _last_step(killed) < 3 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        child.kill()
+    finally:
+        child.wait()
+    assert child.returncode == -9, child.stderr.read().decode()
     assert not (killed / "final").exists()
-    env.pop("TUNELAB_KILL_AT_STEP")
-    r = subprocess.run([sys.executable, "-m", "tunelab", "train", "-q", "--resume", str(killed)], env=env,
+    r = subprocess.run([sys.executable, "-m", "tunelab", "train", "-q", "--resume", str(killed)],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     whole = run_training(
@@ -214,6 +231,14 @@ def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path, model_dir, d
     assert wa and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _last_step(run):
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max((json.loads(x)["step"] for x in lines[:-1] if x.strip()), default=0)
+
+
 # -- 14: crash during save ---------------------------------------------------------------------
 def test_crash_during_save_keeps_the_previous_checkpoint(
     tmp_path, model_dir, data_file, monkeypatch
@@ -221,11 +246,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(
     import tunelab.train.loop as loop
 
     real = loop.save_state
-    calls = {"n": 0}
 
     def failing(folder, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
+        if kw["trainer_state"]["step"] == 3:
             (folder / "optimizer.pt").write_bytes(b"half")
             raise OSError("disk full")
         real(folder, **kw)
@@ -246,7 +269,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(
 def test_mismatched_resume_fails_loudly(tmp_path, model_dir, data_file):
     cfg = config(tmp_path, model_dir, data_file)
     with pytest.raises(Interrupted):
-        run_training(cfg, log=quiet, halt_at=2)
+        run_training(cfg, log=quiet, progress=halt_after(2))
     run = tmp_path / "run"
     with pytest.raises(ResumeError, match="train.lr"):
         run_training(load_config(run / "config.yaml", ["train.lr=5e-4"]), resume=run, log=quiet)
@@ -286,7 +309,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, model_dir, data_file, c
 
 # -- 17: NaN guard -----------------------------------------------------------------------------
 def _nan_at(monkeypatch, step_to_poison):
-    from tunelab.train import loss as loss_mod
+    from tunelab.train.objectives import sft as loss_mod
 
     real = loss_mod.SFT.loss_sum
     calls = {"n": 0}
@@ -338,7 +361,7 @@ def test_huge_lr_keeps_parameters_finite(tmp_path, model_dir, data_file):
 
 # -- 18: out of memory -------------------------------------------------------------------------
 def test_out_of_memory_gives_advice(tmp_path, model_dir, data_file, monkeypatch, capsys):
-    from tunelab.train import loss as loss_mod
+    from tunelab.train.objectives import sft as loss_mod
 
     def oom(self, model, batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -28,7 +28,7 @@ def test_pull_gives_a_plain_model_folder():
     assert "quantization_config" not in config
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "generation_config.json", "tokenizer.json"} <= names
-    assert not any(p.name.startswith(".hf.partial-") for p in folder.parent.iterdir())
+    assert not any(p.name.startswith((".tmp-", ".old-")) for p in folder.parent.iterdir())
 
 
 def test_answers_the_capital_of_france(loaded):

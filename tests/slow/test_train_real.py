@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.config.load import load_config
-from tunelab.train.setup import run_training
+from tunelab.workflow.finetune import finetune as run_training
 
 pytestmark = pytest.mark.slow
 

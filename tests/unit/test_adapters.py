@@ -9,16 +9,32 @@ import torch
 
 from tunelab.config.schema import MethodConfig
 from tunelab.errors import ConfigError, ModelError
-from tunelab.models.adapters import (
-    apply_method,
-    count_parameters,
-    load_trained_into,
-    merge_and_unload,
-    save_trained,
-    trainable_named_parameters,
-    unfreeze_schedule,
-)
+from tunelab.models.methods import count_parameters, get_method
+from tunelab.models.methods.lora import merge_and_unload
 from tunelab.testing import tiny_model, tiny_tokenizer
+
+
+# The method objects, called the way these tests read best.
+def apply_method(model, cfg):
+    return get_method(cfg).apply(model)
+
+
+def save_trained(model, cfg, folder):
+    get_method(cfg).save(model, folder)
+
+
+def load_trained_into(model, cfg, folder):
+    get_method(cfg).load(model, folder)
+
+
+def unfreeze_schedule(model, cfg, step):
+    return get_method(cfg).on_step(model, step)
+
+
+def trainable_named_parameters(model, cfg=None):
+    if cfg is None:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return get_method(cfg).optimizer_parameters(model)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -109,7 +109,7 @@ def test_load_eval_reads_a_folder(tmp_path):
         (
             "{}",
             ["{}", "", "not json"],
-            r"predictions\.jsonl:1: missing 'index'\n.*predictions\.jsonl:3: not valid JSON",
+            r"predictions\.jsonl:1: missing 'index'\n.*predictions\.jsonl:3: invalid JSON",
         ),  # fmt: skip
         (
             "{}",

@@ -9,7 +9,8 @@ from tests.helpers import chat
 from tunelab.data.collate import collate
 from tunelab.data.tokenize import EncodeOptions, encode
 from tunelab.testing import tiny_model, tiny_tokenizer
-from tunelab.train.loss import SFT, accumulate
+from tunelab.train.loop import accumulate
+from tunelab.train.objectives.sft import SFT
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_padding_invariance(setup):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 def test_chunked_head_equals_full_logits(setup, arch):
     """The memory-saving path (decoder + chunked, recomputed head) gives the plain loss and grads."""
-    from tunelab.train.loss import split_head, weighted_nll_sum
+    from tunelab.models.nll import split_head, weighted_nll_sum
 
     tok, seqs = setup
     model = tiny_model(tok, arch=arch)
@@ -157,7 +158,7 @@ def test_chunked_head_with_lora_on_the_head(setup):
     head_grad = model.base_model.model.lm_head.lora_A["default"].weight.grad
     assert head_grad is not None and head_grad.abs().sum() > 0
     with torch.no_grad():
-        from tunelab.train.loss import weighted_nll_sum
+        from tunelab.models.nll import weighted_nll_sum
 
         plain = weighted_nll_sum(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                                  batch.input_ids, batch.loss_weights)  # fmt: skip

@@ -36,7 +36,7 @@ def test_a_torn_last_line_is_ignored_and_cut_before_the_next_append(tmp_path):
 def test_a_bad_line_in_the_middle_names_the_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
-    with pytest.raises(DataError, match=r"metrics\.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: invalid JSON"):
         MetricsLog.read(path)
 
 

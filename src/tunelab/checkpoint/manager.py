@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tunelab.files import atomic_write_bytes, fsync_dir, fsync_tree
+
 _STEP_DIR = re.compile(r"step-(\d+)")
 _SCRATCH_PREFIXES = (".tmp-", ".old-")
 
@@ -34,48 +36,6 @@ _SCRATCH_PREFIXES = (".tmp-", ".old-")
 def step_name(step: int) -> str:
     """The folder name of a step's checkpoint: ``step-000012``."""
     return f"step-{step:06d}"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (new names, renames) durable. A no-op where folders can't be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (and ``root`` itself)."""
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(folder))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` so readers see the old content or the new, never a mix.
-
-    The temporary file (``.tmp-<name>-*`` next to ``path``) is fsync'd, then renamed over
-    ``path`` with ``os.replace``, then the folder is fsync'd."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _remove(path: Path) -> None:

@@ -20,10 +20,14 @@ def train(
         None, "--resume", help="Continue the run in this folder from its last checkpoint."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (for CI and logs)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check everything and print the run plan; load no weights, train nothing."
+    ),
 ) -> None:
     """Fine-tune a model. Writes a run folder: config, metrics, checkpoints, final adapter, plot, summary."""
     from tunelab.config.load import load_config
-    from tunelab.train.setup import load_resume_config, run_training
+    from tunelab.train.plan import load_resume_config
+    from tunelab.workflow.finetune import finetune, plan_finetune
 
     if config is not None and "=" in str(config) and not config.exists():
         overrides, config = [str(config), *(overrides or [])], None
@@ -35,6 +39,9 @@ def train(
         cfg = load_resume_config(resume, overrides or [])
     else:
         cfg = load_config(config, overrides or [])
+    if dry_run:
+        print(plan_finetune(cfg, resume=resume, read_weights=False).describe())
+        return
     console = Console(stderr=True, highlight=False)
     progress = Progress(
         TextColumn("step {task.completed}/{task.total}"), BarColumn(),
@@ -62,7 +69,7 @@ def train(
             console.print(f"step {step}/{total} {info}")
 
     with progress:
-        run_dir = run_training(cfg, resume=resume, progress=on_step, log=console.print)
+        run_dir = finetune(cfg, resume=resume, progress=on_step, log=console.print)
     _print_result(run_dir)
 
 
@@ -77,4 +84,6 @@ def _print_result(run_dir: Path) -> None:
         )
     print(f"{result['steps']} steps in {result['seconds']:.0f} s, {result.get('tokens_per_s') or 0:.0f} tokens/s, "
           f"peak memory {result.get('peak_gpu_gib') or result['peak_rss_gib']} GiB")  # fmt: skip
+    if result.get("final"):
+        print(f"final/ holds {result['final']}")
     print(f"run folder: {run_dir} (summary.md, train_loss.png, final/)")

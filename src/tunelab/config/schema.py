@@ -71,6 +71,10 @@ class MethodConfig(Section):
 
 
 class TrainConfig(Section):
+    objective: Literal["sft"] = Field(
+        "sft",
+        description="What is optimised: sft (supervised: weighted next-token loss on the answers).",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
@@ -103,6 +107,11 @@ class TrainConfig(Section):
         None, gt=0, description="Checkpoint every N steps (default: at each eval)."
     )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept (plus the best).")
+    keep: Literal["best", "last"] | None = Field(
+        None,
+        description="Which weights final/ holds: best (lowest validation loss, the untrained "
+        "model included) or last (the last step). Default: best with validation data, else last.",
+    )
     nan_action: Literal["skip", "stop"] = Field(
         "skip", description="On a NaN/Inf loss or gradient."
     )
@@ -145,7 +154,31 @@ class DataConfig(Section):
         "drop", description="What to do with longer sequences."
     )
     dedup: bool = Field(False, description="Drop exact duplicate records before training.")
-    seed: int = Field(42, description="Seed for the validation split and shuffling.")
+    seed: int = Field(
+        42, description="Seed for splits (the validation hold-out, `data split`) and shuffling."
+    )
+    split_ratios: list[float] = Field(
+        default_factory=lambda: [0.7, 0.15, 0.15],
+        description="`data split`: shares of train, val[, test]; two or three, summing to 1.",
+    )
+    diversity_threshold: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="`data check`: warn when one instruction covers more than this share.",
+    )  # fmt: skip
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _split_shares(cls, value: list[float]) -> list[float]:
+        shown = "/".join(f"{r:g}" for r in value)
+        if len(value) not in (2, 3):
+            raise ValueError(
+                f"expected two or three shares (train, val[, test]), got {len(value)}: {shown}"
+            )
+        if not all(r > 0 for r in value):  # NaN fails too
+            raise ValueError(f"split ratios {shown} must all be positive")
+        if abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"split ratios {shown} must sum to 1 (they sum to {sum(value):g})")
+        return value
 
     @field_validator("columns")
     @classmethod
@@ -200,8 +233,28 @@ class EvalConfig(Section):
     at_end: bool = Field(
         False, description="Evaluate eval.data (and general_data) when training ends."
     )
-    sheet: bool = Field(False, description="Also write a blind human-rating sheet.")
+    sheet: bool = Field(
+        False,
+        description="`eval`, `baseline`: also write a blind human-rating sheet of their answers.",
+    )
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N examples.")
+    shots: list[int] = Field(
+        default_factory=lambda: [0, 3],
+        description="`baseline`: shot counts, one evaluation each (k > 0 needs --train).",
+    )
+    shot_seed: int = Field(0, description="`baseline`: seed choosing which shots are drawn.")
+    instruction: str | None = Field(
+        None, description="`baseline`: extra instruction added to the system prompt."
+    )
+
+    @field_validator("shots")
+    @classmethod
+    def _shot_counts(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("expected at least one shot count, e.g. [0, 3]")
+        if any(k < 0 for k in value):
+            raise ValueError(f"shot counts must be non-negative (got {value})")
+        return value
 
 
 class Config(Section):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import DataError, Problem
+from tunelab.files import read_jsonl
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
 
@@ -85,24 +86,7 @@ def _not_object(file: str, line: int, value: object) -> Problem:
 
 
 def _read_jsonl(file: str, text: str) -> list[Row]:
-    rows: list[Row] = []
-    problems: list[Problem] = []
-    loads = json.loads
-    for i, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(file, i, None, f"invalid JSON: {e.msg} (column {e.colno})"))
-            continue
-        if not isinstance(value, dict):
-            problems.append(_not_object(file, i, value))
-            continue
-        rows.append(Row(Source(file, i), value))
-    if problems:
-        raise DataError(problems)
-    return rows
+    return [Row(Source(file, line), record) for line, record in read_jsonl(file, text)]
 
 
 def _read_json_array(file: str, text: str) -> list[Row]:

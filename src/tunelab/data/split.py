@@ -13,12 +13,9 @@ written, so a failure leaves no half-written split behind.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -26,6 +23,7 @@ from pathlib import Path
 from tunelab.data.read import Row
 from tunelab.data.records import Example
 from tunelab.errors import ConfigError, DataError, Problem
+from tunelab.files import atomic_write_files, jsonl_text
 
 SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
@@ -138,27 +136,9 @@ def write_jsonl_atomic_many(
 
     On any error while writing, the temporary files are removed and no target is touched.
     (Renames in one folder do not fail in practice; if one did, earlier targets stay replaced.)"""
-    temps: list[tuple[str, Path]] = []
-    try:
-        for path, records in files:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False))
-                    f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-    return [path for _, path in temps]
+    contents = {Path(path): jsonl_text(records).encode("utf-8") for path, records in files}
+    atomic_write_files(contents)
+    return list(contents)
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 
 from tunelab.data.read import read_text
 from tunelab.errors import ConfigError, DataError, Problem
+from tunelab.files import atomic_write_text, read_jsonl
 
 #: Which per-example metric picks the instructive examples and the best run, first present wins.
 MAIN_METRICS = ("task", "json_equal", "exact_match", "judge", "rougeL", "bleu", "rouge1", "rouge2")
@@ -173,14 +172,7 @@ def load_eval(folder: str | Path) -> EvalRun:
     problems: list[Problem] = []
     records: list[dict] = []
     seen: set[tuple[str, int]] = set()
-    for line_no, line in enumerate(read_text(pred_path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(str(pred_path), line_no, None, f"not valid JSON: {e.msg}"))
-            continue
+    for line_no, record in read_jsonl(pred_path, read_text(pred_path), problems=problems):
         problem = _check_record(record)
         if problem is None and (record["source"], record["index"]) in seen:
             problem = f"example {record['source']} #{record['index']} appears twice"
@@ -190,7 +182,7 @@ def load_eval(folder: str | Path) -> EvalRun:
         seen.add((record["source"], record["index"]))
         records.append(record)
     if problems:
-        raise DataError(problems)
+        raise DataError(sorted(problems, key=lambda p: p.line or 0))
     if not records:
         raise DataError(Problem(str(pred_path), None, None, "no predictions in the file"))
     name = (
@@ -529,23 +521,12 @@ def _chart_png(c: Comparison) -> bytes | None:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(c: Comparison, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``out_dir/compare.md`` and a self-contained ``out_dir/compare.html`` (inline CSS
     and chart, every text escaped), each atomically. Returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, page = out_dir / "compare.md", out_dir / "compare.html"
-    _write_atomic(md, _markdown(c))
-    _write_atomic(page, _html(c))
+    atomic_write_text(md, _markdown(c))
+    atomic_write_text(page, _html(c))
     return md, page

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tunelab.models.tokenizer import pad_id
+
 #: Tokens that end an assistant turn in common templates (used when present in the vocabulary).
 TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -55,7 +57,7 @@ def generate(
     device = next(model.parameters()).device
     prompts = encode_prompts(tokenizer, conversations)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     stops = stop_ids(tokenizer)
     out: list[str] = [""] * len(prompts)
     was_training = model.training

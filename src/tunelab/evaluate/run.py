@@ -10,68 +10,34 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tunelab.config.schema import DataConfig, EvalConfig
+from tunelab.config.schema import DataConfig, EvalConfig, ModelConfig
 from tunelab.data.collate import collate
 from tunelab.data.records import Example, Message
 from tunelab.data.split import normalize
 from tunelab.data.tokenize import EncodeOptions, encode
-from tunelab.errors import DataError, Problem, TunelabError
+from tunelab.errors import DataError, Problem
 from tunelab.evaluate.generate import GenerationOptions, generate
+from tunelab.files import atomic_folder, jsonl_text
+from tunelab.models.nll import causal_lm_nll_sum, perplexity, target_weights
+from tunelab.models.run_folder import LoadedModel, load_run
+from tunelab.models.tokenizer import pad_id
 
 CONVERSATION_FORMATS = ("alpaca", "chat", "kto")
 
 
-@dataclass
-class Target:
-    model: torch.nn.Module
-    tokenizer: object
-    label: str  # what was evaluated, for reports
-    adapter: str | None = None
+Target = LoadedModel  # what an evaluation runs: a model, its tokenizer and a label
 
 
-def load_target(target: str, *, device: str | None = None) -> Target:
-    """A run folder (its final adapter on its base model, merged) or a model name/folder/file."""
-    from tunelab.config.load import load_config
-    from tunelab.models.adapters import merge_and_unload
-    from tunelab.models.load import load_model
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    path = Path(target)
-    if (path / "config.yaml").is_file() and (path / "final").is_dir():
-        final = path / "final"
-        run_cfg = load_config(path / "config.yaml")
-        if (final / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            base, _ = load_model(run_cfg.model.name, dtype=dtype, device=device)
-            model = merge_and_unload(PeftModel.from_pretrained(base, final))
-            tokenizer = _tokenizer(final)
-            return Target(
-                model.eval(), tokenizer, f"{run_cfg.model.name} + {path.name}", str(final)
-            )
-        model, tokenizer = load_model(str(final), dtype=dtype, device=device)
-        return Target(model.eval(), tokenizer, f"{path.name} (full)", None)
-    if path.is_dir() and (path / "config.yaml").is_file():
-        raise TunelabError(
-            f"{path}: this run has no final/ folder yet (unfinished? resume it with --resume)"
-        )
-    model, tokenizer = load_model(target, dtype=dtype, device=device)
-    return Target(model.eval(), tokenizer, target, None)
-
-
-def _tokenizer(folder: Path):
-    from tunelab.models.tokenizer import load_tokenizer
-
-    return load_tokenizer(str(folder))
+def load_target(target: str, model_cfg: ModelConfig | None = None) -> Target:
+    """A run folder (its final adapter on its base model, merged) or a model name/folder/file,
+    placed by ``model_cfg`` (default: the run's own model settings, else auto)."""
+    return load_run(target, model_cfg)
 
 
 def load_eval_examples(
@@ -134,7 +100,6 @@ def reference_loss(
     """Loss per reference token given each prompt (how confident the model is in the reference —
     not whether its own answer is right)."""
     from tunelab.data.read import Source
-    from tunelab.train.loss import SFT
 
     examples = [
         Example(Source("eval", i), "chat", p + [Message("assistant", r)])
@@ -142,18 +107,14 @@ def reference_loss(
     ]
     report = encode(examples, target.tokenizer, EncodeOptions(prompt_loss_weight=0.0))
     device = next(target.model.parameters()).device
-    pad = (
-        target.tokenizer.pad_token_id
-        if target.tokenizer.pad_token_id is not None
-        else target.tokenizer.eos_token_id
-    )
+    pad = pad_id(target.tokenizer)
     total = weight = 0.0
-    objective = SFT()
     with torch.no_grad():
         for i in range(0, len(report.examples), batch_size):
-            batch = collate([t.seq for t in report.examples[i : i + batch_size]], pad).to(device)
-            total += float(objective.loss_sum(target.model, batch))
-            weight += objective.weight(batch)
+            b = collate([t.seq for t in report.examples[i : i + batch_size]], pad).to(device)
+            loss = causal_lm_nll_sum(target.model, b.input_ids, b.attention_mask, b.position_ids, b.loss_weights)
+            total += float(loss)
+            weight += float(target_weights(b.loss_weights).sum())
     return total / weight if weight else None
 
 
@@ -205,7 +166,7 @@ def evaluate_examples(
     )
     loss = reference_loss(target, prompts, references, ecfg.batch_size)
     summary["loss"] = loss
-    summary["perplexity"] = float(torch.tensor(loss).exp()) if loss is not None else None
+    summary["perplexity"] = perplexity(loss)
     judge_failures: list[str] = []
     if judge is not None:
         from tunelab.evaluate.judge import judge_all, summarize_judge
@@ -238,14 +199,6 @@ def evaluate_examples(
 
 
 def _write(folder: Path, records: list[dict], meta: dict) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (tmp / "metrics.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        (tmp / "predictions.jsonl").write_text(jsonl_text(records), encoding="utf-8")
+        (tmp / "metrics.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")

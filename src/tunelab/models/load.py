@@ -10,6 +10,7 @@ the file and what was found in it, never as a traceback. See docs/models.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import ModelError
+from tunelab.files import atomic_write_json, file_sha256
 from tunelab.models import catalog
 from tunelab.models.catalog import first_line
 
@@ -83,13 +85,28 @@ def load_model(
     quantize_bits: int | None = None,
     tokenizer: str | None = None,
 ):
-    """Load ``(model, tokenizer)``. ``quantize_bits`` 4 or 8 loads the weights with
-    bitsandbytes (QLoRA; CUDA only, checked before anything is loaded). The tokenizer comes from
+    """Load ``(model, tokenizer)`` (see :func:`load_weights`). The tokenizer comes from
     ``tokenizer`` if given, else from the model; a missing pad token is set to EOS."""
+    from tunelab.models.tokenizer import load_tokenizer
+
+    model = load_weights(name, dtype=dtype, device=device, quantize_bits=quantize_bits)
+    tok = load_tokenizer(tokenizer if tokenizer is not None else resolve_model(name))
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def load_weights(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    quantize_bits: int | None = None,
+):
+    """Load the causal LM ``name`` resolves to. ``quantize_bits`` 4 or 8 loads the weights with
+    bitsandbytes (QLoRA; CUDA only, checked before anything is loaded)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-
-    from tunelab.models.tokenizer import load_tokenizer
 
     quantization = _bnb_config(quantize_bits, device) if quantize_bits else None
     source = resolve_model(name)
@@ -117,10 +134,7 @@ def load_model(
         raise _load_error(name, source, e) from None
     if quantization is None:
         model.to(device)
-    tok = load_tokenizer(tokenizer if tokenizer is not None else source)
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return model
 
 
 def _bnb_config(bits: int, device: str):
@@ -201,17 +215,21 @@ def _contents(folder: Path) -> str:
 
 
 # -- fingerprint -------------------------------------------------------------------------------
-def model_fingerprint(name: str) -> str:
+def model_fingerprint(name: str, *, read_weights: bool = True) -> str:
     """A short stable hash of the weights ``name`` resolves to: config.json plus the name, size
     and SHA-256 of each weight file (hashes cached by path, size and mtime, so only a changed
-    file is read again). For a hub id it is the id itself."""
+    file is read again). For a hub id it is the id itself.
+
+    ``read_weights=False`` never opens a weight file (for a dry run): it hashes config.json and
+    the weight files' names and sizes only, and says so with a ``shallow:`` prefix."""
     source = resolve_model(name)
     if isinstance(source, str):
         return hashlib.sha256(f"hub:{source}".encode()).hexdigest()[:16]
     digest = hashlib.sha256((source / "config.json").read_bytes())
     for path in sorted(p for p in source.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        digest.update(f"\0{path.name}\0{path.stat().st_size}\0{_file_sha256(path)}".encode())
-    return digest.hexdigest()[:16]
+        content = _file_sha256(path) if read_weights else ""
+        digest.update(f"\0{path.name}\0{path.stat().st_size}\0{content}".encode())
+    return digest.hexdigest()[:16] if read_weights else f"shallow:{digest.hexdigest()[:16]}"
 
 
 def _file_sha256(path: Path) -> str:
@@ -226,21 +244,13 @@ def _file_sha256(path: Path) -> str:
     hit = cache.get(where)
     if hit and hit.get("size") == stat.st_size and hit.get("mtime_ns") == stat.st_mtime_ns:
         return hit["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
+    sha = file_sha256(path)
     cache = {k: v for k, v in cache.items() if Path(k).exists()}
     cache[where] = {
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        "sha256": digest.hexdigest(),
+        "sha256": sha,
     }
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".fingerprints.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1) + "\n")
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # a read-only cache only costs speed
-    return digest.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache only costs speed
+        atomic_write_json(cache_file, cache)
+    return sha

@@ -67,3 +67,9 @@ def _from_gguf(path: Path):
         raise ModelError(
             f"{path}: could not read a tokenizer from this GGUF file ({first_line(e)})"
         ) from None
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (padding is masked
+    out of attention and loss either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -17,7 +17,8 @@ def finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def out_of_memory_message(cfg, where: str) -> str:
+def out_of_memory_message(cfg, method, where: str) -> str:
+    """What to change after running out of memory: the common remedies, then the method's own."""
     t, m = cfg.train, cfg.model
     tips = [
         f"a smaller micro-batch (train.micro_batch_size={max(1, t.micro_batch_size // 2)}, "
@@ -26,10 +27,7 @@ def out_of_memory_message(cfg, where: str) -> str:
     ]
     if not m.gradient_checkpointing:
         tips.append("gradient checkpointing (model.gradient_checkpointing=true, ~20% slower)")
-    if cfg.method.name in ("full", "freeze"):
-        tips.append("LoRA instead of full fine-tuning (method.name=lora)")
-    if cfg.method.name == "lora":
-        tips.append("QLoRA (method.name=qlora, 4-bit base weights)")
+    tips += method.memory_advice()
     return f"out of memory during {where}. Try: " + "; ".join(tips) + "."
 
 

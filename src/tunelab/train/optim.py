@@ -38,23 +38,41 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str, floor: float) -> float:
-    """Multiplier of the peak LR for the update made at ``step`` (0-based)."""
+    """Multiplier of the peak LR for the update made at ``step`` (0-based, of ``total``).
+
+    Warmup climbs linearly to the peak, reached at the last warmup step (the first update is
+    not at 0). The decay then starts at the peak and moves towards the floor without reaching
+    it: the last update of the run is still a real one (the floor is where step ``total``
+    would be)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup + 1) / span) if total > warmup else 1.0
+    progress = min(1.0, (step - warmup) / span)
     decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * decay
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    warmup = warmup_steps(cfg, total_steps)
+class Schedule:
+    """The learning rate of every step, a pure function of (step, total steps): a resumed run
+    recomputes it instead of restoring it, and extending a run (``--resume
+    train.max_steps=N``) recomputes the curve over the new total."""
 
-    def factor(step: int) -> float:
-        return lr_factor(
-            step, total=total_steps, warmup=warmup, schedule=cfg.schedule, floor=cfg.min_lr_ratio
+    def __init__(self, cfg: TrainConfig, total_steps: int):
+        self.peak, self.total = cfg.lr, total_steps
+        self.warmup = warmup_steps(cfg, total_steps)
+        self.kind, self.floor = cfg.schedule, cfg.min_lr_ratio
+
+    def lr(self, step: int) -> float:
+        factor = lr_factor(
+            step, total=self.total, warmup=self.warmup, schedule=self.kind, floor=self.floor
         )
+        return self.peak * factor
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every parameter group's learning rate for the update made at ``step``."""
+        lr = self.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from tunelab.checkpoint.manager import atomic_write_bytes
-from tunelab.errors import DataError, Problem
+from tunelab.files import atomic_write_bytes, read_jsonl
+from tunelab.models.methods import summary_fields
 
 # ---- metrics.jsonl -----------------------------------------------------------------------
 
@@ -77,20 +76,12 @@ class MetricsLog:
 
 
 def _records(path: Path) -> Iterator[tuple[int, str, dict]]:
-    """(line number, line, record) for every complete non-blank line."""
+    """(line number, line, record) for every complete non-blank line (a torn last line, one
+    without its newline, is ignored)."""
     text = path.read_bytes().decode("utf-8", errors="replace")
     lines = text.split("\n")
-    lines.pop()  # the text after the last newline: "" or a torn line
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(Problem(str(path), lineno, None, f"not valid JSON ({e.msg})")) from e
-        if not isinstance(record, dict):
-            raise DataError(Problem(str(path), lineno, None, "expected a JSON object"))
-        yield lineno, line, record
+    for lineno, record in read_jsonl(path, text, torn_tail=True):
+        yield lineno, lines[lineno - 1], record
 
 
 # ---- loss plot ---------------------------------------------------------------------------
@@ -144,14 +135,9 @@ def plot_losses(records: list[dict], out_png: Path, *, title: str = "Training") 
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out_png.stem}-", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(out_png, buf.getvalue())
     return out_png
 
 
@@ -179,12 +165,7 @@ def _smooth(values: tuple[float, ...]) -> list[float]:
 
 # ---- summary.md --------------------------------------------------------------------------
 
-# The settings worth a glance, from a method or train config dict (the rest is in config.yaml).
-_METHOD_FIELDS = {
-    "lora": ("r", "alpha", "dropout", "targets", "rslora", "dora"),
-    "qlora": ("r", "alpha", "dropout", "targets", "bits"),
-    "freeze": ("trainable_layers", "trainable_modules"),
-}
+# The training settings worth a glance (the rest is in config.yaml).
 _TRAIN_FIELDS = ("lr", "epochs", "max_steps", "micro_batch_size", "grad_accum", "schedule",
                  "warmup_ratio", "warmup_steps", "weight_decay", "seed")  # fmt: skip
 
@@ -254,6 +235,7 @@ def write_summary(run_dir: Path, info: dict) -> Path:
         at = f" at step {step}" if step is not None else ""
         add("Best eval loss", f"{best:.4f} (perplexity {perplexity:.2f}){at}")
     add("NaN/Inf steps skipped", pick("nan_skips"))
+    add("Final weights", pick("final"))
     add("Output", pick("output") and f"`{info['output']}`")
     for key, value in info.items():
         if key not in used and value is not None:
@@ -278,7 +260,7 @@ def _method(method: Any) -> str | None:
     if not isinstance(method, dict):
         return method
     name = method.get("name")
-    settings = _settings(method, _METHOD_FIELDS.get(name, ()))
+    settings = _settings(method, summary_fields(name))
     return f"{name} ({settings})" if settings else name
 
 

@@ -1,0 +1,20 @@
+"""Full fine-tuning: every parameter is trained."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tunelab.models.methods.base import Method
+
+
+class Full(Method):
+    name = "full"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        self.refuse_quantized(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def memory_advice(self) -> list[str]:
+        return ["LoRA instead of full fine-tuning (method.name=lora)"]

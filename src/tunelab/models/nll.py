@@ -1,0 +1,114 @@
+"""The weighted next-token loss of a causal LM, *summed* (never averaged), and perplexity.
+
+Training (every objective) and evaluation (the loss of reference answers) both measure a model
+with :func:`causal_lm_nll_sum`, so "loss" means one thing across tunelab:
+
+    sum over targets t of  w_t * NLL(token_t | tokens_<t)
+
+where ``weights[b, t]`` is the weight of token ``t`` as a prediction target (0 for padding).
+Callers divide by the matching sum of weights themselves; that is what keeps gradient
+accumulation exact (see ``tunelab.train.loop.accumulate``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+#: Rows of logits computed at a time by the chunked head (the full [tokens, vocab] fp32 logits
+#: of a small model are most of its training memory).
+HEAD_CHUNK = 512
+
+
+def target_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Weights of the prediction targets: token t is predicted from positions < t."""
+    return weights[:, 1:]
+
+
+def weighted_nll_sum(
+    logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """sum_t w_t * NLL(token_t | tokens_<t), computed in fp32 over the weighted targets only.
+
+    ``logits``: [B, T, V]; ``input_ids``, ``weights``: [B, T] (weights[:, 0] is never a target).
+    """
+    w = weights[:, 1:]
+    keep = w > 0
+    picked = logits[:, :-1][keep].float()
+    targets = input_ids[:, 1:][keep]
+    nll = F.cross_entropy(picked, targets, reduction="none")
+    return (nll * w[keep]).sum()
+
+
+def split_head(model: torch.nn.Module):
+    """(decoder, output head, logit soft-cap) of a causal LM, PEFT-wrapped or not; None when
+    the model does not expose them (then the plain forward is used)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is lm:
+        return None
+    return decoder, head, getattr(lm.config, "final_logit_softcapping", None)
+
+
+def chunked_head_nll_sum(hidden, head, softcap, targets, weights, chunk: int) -> torch.Tensor:
+    """sum w * NLL over rows of ``hidden`` [N, d], ``chunk`` rows of logits at a time.
+
+    Each chunk's logits are recomputed in the backward pass instead of being kept, so the
+    full [N, vocab] fp32 logits never exist.
+    """
+
+    def piece(h, t, w):
+        logits = head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return (F.cross_entropy(logits, t, reduction="none") * w).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        args = (hidden[i : i + chunk], targets[i : i + chunk], weights[i : i + chunk])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(piece, *args, use_reentrant=False)
+        else:
+            total = total + piece(*args)
+    return total
+
+
+def causal_lm_nll_sum(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    weights: torch.Tensor,
+    chunk: int = HEAD_CHUNK,
+) -> torch.Tensor:
+    """The summed weighted NLL of a batch; logits only for targets with a weight, ``chunk``
+    rows at a time (the plain forward when the model cannot be split into decoder and head)."""
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    parts = split_head(model)
+    if parts is None:
+        return weighted_nll_sum(model(**inputs).logits, input_ids, weights)
+    decoder, head, softcap = parts
+    hidden = decoder(**inputs).last_hidden_state
+    w = weights[:, 1:]
+    keep = w > 0
+    return chunked_head_nll_sum(
+        hidden[:, :-1][keep], head, softcap, input_ids[:, 1:][keep], w[keep], chunk
+    )
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss per token); inf for a loss too large to exponentiate, None for no loss."""
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else float("inf")

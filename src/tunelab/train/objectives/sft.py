@@ -1,0 +1,49 @@
+"""Supervised fine-tuning: the weighted next-token NLL (replies at weight 1, prompt tokens at
+``data.prompt_loss_weight``), logits only for weighted targets, a chunk of rows at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tunelab.data.collate import Batch, collate
+from tunelab.data.records import Example
+from tunelab.data.tokenize import TokenizedExample
+from tunelab.errors import DataError, Problem
+from tunelab.models.nll import HEAD_CHUNK, causal_lm_nll_sum, target_weights
+
+#: Record formats SFT cannot learn from, and why (with the objective that fits them).
+REFUSED = {
+    "preference": "a preference pair (prompt, chosen, rejected) cannot be trained with "
+    "train.objective=sft: the rejected answer would be dropped silently. Preference pairs "
+    "need a preference objective (DPO/SimPO/ORPO; not in this version of tunelab), or keep "
+    "only the chosen answers as an alpaca/chat file",
+    "kto": "a KTO record (with kto_tag) cannot be trained with train.objective=sft: answers "
+    "tagged false would be learned as good ones. KTO records need the KTO objective (not in "
+    "this version of tunelab), or keep only the kto_tag true records, without the tag",
+}
+
+
+class SFT:
+    name = "sft"
+
+    def __init__(self, chunk: int = HEAD_CHUNK):
+        self.chunk = chunk
+
+    def check_data(self, examples: Sequence[Example]) -> None:
+        for e in examples:
+            if e.format in REFUSED:
+                raise DataError(Problem(e.source.file, e.source.line, "format", REFUSED[e.format]))
+
+    def collate(self, examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
+        return collate([t.seq for t in examples], pad_id)
+
+    def weight(self, batch: Batch) -> float:
+        return float(target_weights(batch.loss_weights).sum())
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return causal_lm_nll_sum(
+            model, batch.input_ids, batch.attention_mask, batch.position_ids,
+            batch.loss_weights, self.chunk,
+        )  # fmt: skip

@@ -1,0 +1,223 @@
+"""A run, decided before it is executed: :func:`build_plan` reads the config, the data and the
+model's tokenizer (never its weights) and returns a :class:`RunPlan` — device and precision,
+method and objective, the tokenized train/validation split, the step plan, the fingerprint and
+whether this is a new run or a resume. Everything a user can get wrong is refused here, before
+any weight is read; :mod:`tunelab.train.recipe` then executes the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.checkpoint.manager import CheckpointManager
+from tunelab.checkpoint.state import TRAINER_STATE_FILE, fingerprint_diff
+from tunelab.config.load import load_config
+from tunelab.config.schema import Config
+from tunelab.data.pipeline import load_examples, tokenize_examples
+from tunelab.data.split import split_indices
+from tunelab.data.tokenize import TokenizedExample
+from tunelab.errors import ConfigError, DataError, Problem, TunelabError
+from tunelab.files import file_sha256
+from tunelab.models.device import Placement, choose_placement
+from tunelab.models.load import model_fingerprint, resolve_model
+from tunelab.models.methods import Method, get_method
+from tunelab.models.tokenizer import load_tokenizer
+from tunelab.train.batches import StepPlan
+from tunelab.train.objectives import Objective, get_objective
+from tunelab.train.optim import warmup_steps
+
+#: Settings that may change when resuming (extending a run, evaluating more often...).
+RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "keep", "early_stopping_patience",
+                     "eval_at_start", "output_dir", "eval_batch_size", "max_nan_skips"}  # fmt: skip
+#: Data settings of other commands (data split, data check): they never change a training run.
+NOT_TRAINING_DATA = {"path", "val_path", "split_ratios", "diversity_threshold"}
+
+
+class ResumeError(TunelabError):
+    pass
+
+
+@dataclass
+class RunPlan:
+    cfg: Config
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint to continue from; None: a new run
+    placement: Placement
+    method: Method
+    objective: Objective
+    tokenizer: object
+    train: list[TokenizedExample]
+    val: list[TokenizedExample]  # weights: 1 on reply tokens, 0 elsewhere
+    dropped: dict[str, int]  # examples dropped by the truncation policy, by reason
+    steps: StepPlan
+    total_steps: int
+    eval_steps: int
+    save_steps: int
+    warmup_steps: int
+    keep: str  # best | last: which weights final/ holds
+    fingerprint: dict
+
+    @property
+    def fresh(self) -> bool:
+        return self.resume_from is None
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(t.seq) for t in self.train)
+
+    def describe(self) -> str:
+        """The plan as a person reads it (``tunelab train --dry-run``)."""
+        c, t = self.cfg, self.cfg.train
+        dropped = sum(self.dropped.values())
+        start = ("new run" if self.fresh
+                 else f"resume from {self.resume_from.name} (fingerprint matches)")  # fmt: skip
+        lengths = sorted(len(x.seq) for x in self.train)
+        rows = [
+            ("run folder", f"{self.run_dir} ({start})"),
+            ("model", f"{c.model.name} on {self.placement.describe()}"),
+            ("method", self.method.describe()),
+            ("objective", self.objective.name),
+            ("data", f"{len(self.train)} train / {len(self.val)} validation examples"
+                     + (f" ({dropped} dropped: {self.dropped})" if dropped else "")),
+            ("tokens", f"{self.train_tokens:,} train (median {lengths[len(lengths) // 2]}, max "
+                       f"{lengths[-1]}, limit {c.data.max_seq_len}), "
+                       f"{sum(len(x.seq) for x in self.val):,} validation"),
+            ("batching", f"{t.micro_batch_size} x {t.grad_accum} accumulation = "
+                         f"{t.micro_batch_size * t.grad_accum} sequences per step"),
+            ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
+                      f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
+            ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
+            ("checkpoints", f"every {self.save_steps} steps, last {t.keep_last} kept"),
+            ("final weights", self.keep),
+            ("fingerprint", ", ".join(f"{k}={v}" for k, v in self.fingerprint.items()
+                                      if k in ("model", "data.path", "data.val_path"))),
+        ]  # fmt: skip
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = True) -> RunPlan:
+    """Decide the run ``cfg`` describes (``resume``: a run folder to continue). Reads the data
+    and the tokenizer, never the model's weights — except, with ``read_weights``, to hash them
+    for the fingerprint (a resume always does, to compare)."""
+    _check_files(cfg)
+    placement = choose_placement(cfg.model)
+    method = get_method(cfg.method)
+    method.check(placement)
+    objective = get_objective(cfg)
+    run_dir = run_folder(cfg, resume)
+    examples = load_examples(cfg.data.path, cfg.data)
+    val_examples = load_examples(cfg.data.val_path, cfg.data) if cfg.data.val_path else None
+    objective.check_data(examples + (val_examples or []))
+    fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
+    checkpoint = resume_point(run_dir, fingerprint) if resume is not None else None
+    tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
+    train, val, dropped = _datasets(cfg, tokenizer, examples, val_examples)
+    t = cfg.train
+    steps = StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
+                     grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
+    total = steps.total_steps(t.epochs, t.max_steps)
+    eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
+    return RunPlan(
+        cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement, method=method,
+        objective=objective, tokenizer=tokenizer, train=train, val=val, dropped=dropped,
+        steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
+        warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
+    )  # fmt: skip
+
+
+def load_resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ResumeError(f"{run_dir}: not a tunelab run folder (no config.yaml)")
+    return load_config(saved, overrides)
+
+
+def run_folder(cfg: Config, resume: Path | None) -> Path:
+    if resume is not None:
+        return resume
+    name = cfg.name or f"{Path(cfg.data.path).stem}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"name: run folder {run_dir} already exists (choose another name, or --resume {run_dir})"
+        )
+    return run_dir
+
+
+def run_fingerprint(cfg: Config, *, read_weights: bool = True) -> dict:
+    """What a checkpoint must agree with to be resumed: model, data, and the settings that shape
+    the optimisation (not the ones that only extend or observe it)."""
+    fp = {
+        "model": model_fingerprint(cfg.model.name, read_weights=read_weights),
+        "data.path": file_sha256(cfg.data.path)[:16],
+    }
+    if cfg.data.val_path:
+        fp["data.val_path"] = file_sha256(cfg.data.val_path)[:16]
+    for section in ("method", "data"):
+        for k, v in getattr(cfg, section).model_dump(mode="json").items():
+            if k not in NOT_TRAINING_DATA:
+                fp[f"{section}.{k}"] = v
+    for k, v in cfg.train.model_dump(mode="json").items():
+        if k not in RESUMABLE_CHANGES:
+            fp[f"train.{k}"] = v
+    return fp
+
+
+def resume_point(run_dir: Path, fingerprint: dict) -> Path:
+    """The checkpoint to resume from — refused when there is none or it was trained with other
+    settings (each difference listed)."""
+    checkpoint = CheckpointManager(run_dir).latest()
+    if checkpoint is None:
+        raise ResumeError(
+            f"{run_dir}: no complete checkpoint to resume from (refusing to start afresh)"
+        )
+    saved = json.loads((checkpoint / TRAINER_STATE_FILE).read_text()).get("fingerprint", {})
+    diff = fingerprint_diff(saved, fingerprint)
+    if diff:
+        raise ResumeError(
+            f"cannot resume {run_dir}: it was trained with other settings:\n  " + "\n  ".join(diff)
+        )
+    return checkpoint
+
+
+def _check_files(cfg: Config) -> None:
+    if cfg.data.path is None:
+        raise ConfigError("data.path: missing (the training data file)")
+    for key in ("path", "val_path"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).is_file():
+            raise DataError(Problem(str(value), None, None, f"data.{key}: file not found"))
+
+
+def _datasets(cfg: Config, tokenizer, examples, val_examples):
+    if cfg.data.val_path:
+        train_ex, val_ex = examples, val_examples
+    elif cfg.data.val_ratio > 0:
+        idx = split_indices(examples, [1 - cfg.data.val_ratio, cfg.data.val_ratio], cfg.data.seed)
+        train_ex, val_ex = [examples[i] for i in idx[0]], [examples[i] for i in idx[1]]
+    else:
+        train_ex, val_ex = examples, []
+    report = tokenize_examples(train_ex, tokenizer, cfg.data)
+    val_cfg = cfg.data.model_copy(update={"prompt_loss_weight": 0.0})
+    val = tokenize_examples(val_ex, tokenizer, val_cfg).examples if val_ex else []
+    if len(report.examples) < cfg.train.micro_batch_size:
+        raise DataError(
+            Problem(cfg.data.path, None, None,
+                    f"{len(report.examples)} usable training examples, fewer than one micro-batch "
+                    f"(train.micro_batch_size={cfg.train.micro_batch_size})")
+        )  # fmt: skip
+    return report.examples, val, dict(report.dropped)
+
+
+def _keep(cfg: Config, val: list) -> str:
+    keep = cfg.train.keep
+    if keep == "best" and not val:
+        raise ConfigError(
+            "train.keep: 'best' needs validation data to choose by (set data.val_path or "
+            "data.val_ratio > 0), or use train.keep=last"
+        )
+    return keep or ("best" if val else "last")

@@ -1,0 +1,174 @@
+"""Execute a :class:`~tunelab.train.plan.RunPlan`: load, apply the method, loop, finish.
+
+    run = prepare(plan)        # weights on the device, the method applied, the optimizer;
+                               # a resume restores the checkpoint the plan chose
+    outcome = train(run)       # the loop (tunelab.train.loop)
+    run_dir = finish(run, outcome)   # final/ (best or last), plot, summary.md, result.json
+
+The run folder gets the resolved config first (it is resumable from then on) and the final
+model, plot and summary last. Evaluation after training is the workflow's (tunelab.workflow).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+from tunelab.checkpoint.manager import CheckpointManager
+from tunelab.checkpoint.state import load_state
+from tunelab.config.load import dump_config
+from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
+from tunelab.models.load import load_weights
+from tunelab.models.methods import count_parameters
+from tunelab.train.loop import TRAINED_FOLDER, Run, train_loop
+from tunelab.train.optim import Schedule, build_optimizer
+from tunelab.train.plan import RunPlan
+from tunelab.train.report import MetricsLog, plot_losses, write_summary
+from tunelab.train.state import Outcome, TrainState
+
+
+def run_plan(plan: RunPlan, *, progress=None, log=print) -> Run:
+    """The whole recipe without evaluation: prepare, train, finish; returns the finished run."""
+    run = prepare(plan, progress=progress, log=log)
+    finish(run, train(run, log))
+    return run
+
+
+def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
+    started = time.perf_counter()
+    model = load(plan)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if plan.fresh:  # first thing in the folder: it is a run folder from now on (resumable)
+        atomic_write_text(plan.run_dir / "config.yaml", dump_config(plan.cfg))
+    torch.manual_seed(plan.cfg.train.seed)  # adapters initialise the same way, however loaded
+    model = plan.method.apply(model)
+    t = plan.cfg.train
+    optimizer = build_optimizer(plan.method.optimizer_parameters(model), t, plan.placement.device.type)
+    fp16 = plan.placement.autocast_dtype == torch.float16
+    run = Run(
+        plan=plan, model=model, optimizer=optimizer, schedule=Schedule(t, plan.total_steps),
+        scaler=torch.amp.GradScaler("cuda") if fp16 else None, state=TrainState(fingerprint=plan.fingerprint),
+        metrics=MetricsLog(plan.run_dir / "metrics.jsonl"), checkpoints=CheckpointManager(plan.run_dir, t.keep_last),
+        progress=progress, started=started,
+    )  # fmt: skip
+    if not plan.fresh:
+        restore(run, log)
+    announce(run, log)
+    return run
+
+
+def load(plan: RunPlan) -> torch.nn.Module:
+    """The model's weights, on the plan's device in the method's dtype."""
+    torch.manual_seed(plan.cfg.train.seed)
+    placement = plan.placement
+    model = load_weights(
+        plan.cfg.model.name, dtype=placement.weight_dtype(plan.method.trains_base),
+        device=str(placement.device), quantize_bits=plan.method.quantize_bits,
+    )  # fmt: skip
+    if plan.cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model
+
+
+def restore(run: Run, log=print) -> None:
+    """Continue from the plan's checkpoint: weights, optimizer, RNG and loop state."""
+    checkpoint = run.plan.resume_from
+    run.plan.method.load(run.model, checkpoint / TRAINED_FOLDER)
+    saved = load_state(checkpoint, optimizer=run.optimizer, scheduler=None, scaler=run.scaler)
+    run.state = TrainState.from_dict(saved, str(checkpoint / "trainer_state.json"))
+    run.state.fingerprint = run.plan.fingerprint
+    run.metrics.truncate_after(run.state.step)
+    log(f"resuming {run.plan.run_dir} from {checkpoint.name} (step {run.state.step} of "
+        f"{run.plan.total_steps}; next lr {run.schedule.lr(run.state.step):.3g})")  # fmt: skip
+
+
+def announce(run: Run, log=print) -> None:
+    plan = run.plan
+    trainable, total = count_parameters(run.model)
+    dropped = sum(plan.dropped.values())
+    t = plan.cfg.train
+    log(
+        f"run folder: {plan.run_dir}\n"
+        f"model {plan.cfg.model.name} on {plan.placement.describe()}, method {plan.method.describe()}: "
+        f"{trainable:,} of {total:,} parameters trained\n"
+        f"data: {len(plan.train)} train / {len(plan.val)} val examples"
+        + (f" ({dropped} dropped: {plan.dropped})" if dropped else "")
+        + f"; {plan.total_steps} steps of {t.micro_batch_size} x {t.grad_accum}, eval every {plan.eval_steps}"
+    )
+
+
+def train(run: Run, log=print) -> Outcome:
+    if run.plan.fresh:  # the data order and dropout do not depend on what ran before the loop
+        torch.manual_seed(run.plan.cfg.train.seed)
+    if run.plan.placement.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return train_loop(run)
+
+
+def finish(run: Run, outcome: Outcome):
+    """Write final/ (the weights ``plan.keep`` names), the plot, summary.md and result.json."""
+    plan = run.plan
+    final_step, note = _final_weights(run)
+    with atomic_folder(plan.run_dir / "final") as tmp:
+        plan.method.save(run.model, tmp)
+        plan.tokenizer.save_pretrained(tmp)
+    plot_losses(MetricsLog.read(plan.run_dir / "metrics.jsonl"), plan.run_dir / "train_loss.png")
+    info = _result(run, outcome, final_step, note)
+    write_summary(plan.run_dir, info)
+    atomic_write_json(plan.run_dir / "result.json", info)
+    return plan.run_dir
+
+
+def _final_weights(run: Run) -> tuple[int, str]:
+    """Put the weights final/ keeps into the model; (their step, a sentence saying which)."""
+    state, plan = run.state, run.plan
+    last = f"the last step ({state.step})"
+    if plan.keep != "best":
+        return state.step, last
+    best = run.checkpoints.best()
+    if best is None:
+        return state.step, f"{last}: no checkpoint has a validation loss to choose by"
+    step = CheckpointManager.step_of(best)
+    loss = run.checkpoints.best_metric()
+    if step != state.step:
+        plan.method.load(run.model, best / TRAINED_FOLDER)
+    if step == 0:
+        return 0, (f"the untrained model (step 0, validation loss {loss:.4f}): no step improved "
+                   "on it — try a lower train.lr or fewer epochs")  # fmt: skip
+    return step, f"the best checkpoint (step {step}, validation loss {loss:.4f})"
+
+
+def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
+    plan, state, cfg = run.plan, run.state, run.plan.cfg
+    return {
+        "name": plan.run_dir.name, "model": cfg.model.name, "method": cfg.method.model_dump(mode="json"),
+        "objective": plan.objective.name,
+        "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
+        "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
+        "steps": state.step, "seconds": round(outcome.seconds, 1),
+        "wall_seconds": round(time.perf_counter() - run.started, 1), "tokens": state.tokens,
+        "tokens_per_s": round(outcome.tokens / outcome.seconds, 1) if outcome.seconds else None,
+        "final_train_loss": outcome.train_loss, "initial_eval_loss": state.initial_eval_loss,
+        "best_eval_loss": state.best_eval_loss, "best_step": state.best_step,
+        "nan_skips": state.nan_skips, "stopped_early": outcome.stopped_early,
+        "keep": plan.keep, "final_step": final_step, "final": note,
+        "output": str(plan.run_dir / "final"), "parameters": count_parameters(run.model)[1],
+        **_peak_memory(plan.placement.device),
+    }  # fmt: skip
+
+
+def _peak_memory(device: torch.device) -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_gib = rss / (2**30 if sys.platform == "darwin" else 2**20)
+    out = {"peak_rss_gib": round(rss_gib, 2)}
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+__all__ = ["finish", "prepare", "run_plan", "train"]

@@ -1,0 +1,98 @@
+"""A fine-tune as a user runs it: check everything cheap, plan, train, then evaluate.
+
+    plan_finetune(cfg)      the eval inputs checked, then the run plan (no weights read)
+    finetune(cfg)           plan -> prepare -> general-ability "before" -> train -> finish
+                            -> the fine-tune on eval.data and the forgetting check "after"
+
+The evaluation after training loads the run folder's ``final/`` like ``tunelab eval RUN_DIR``
+does, so it scores exactly the weights that were shipped (``train.keep``).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from tunelab.config.schema import Config
+from tunelab.errors import DataError, Problem
+from tunelab.evaluate.metrics import load_user_metric
+from tunelab.evaluate.run import Target, evaluate_examples, load_eval_examples, load_target
+from tunelab.train.plan import RunPlan, build_plan
+from tunelab.train.recipe import finish, prepare, train
+
+
+def plan_finetune(cfg: Config, *, resume: Path | None = None, read_weights: bool = True) -> RunPlan:
+    """Every input checked (evaluation files included), the run planned; no weights loaded."""
+    if cfg.eval.at_end:  # what is evaluated after training must be readable before it
+        check_eval_inputs(cfg)
+    return build_plan(cfg, resume=resume, read_weights=read_weights)
+
+
+def finetune(cfg: Config, *, resume: Path | None = None, progress=None, log=print) -> Path:
+    """Train ``cfg`` (or continue the run folder ``resume``); return the run folder."""
+    plan = plan_finetune(cfg, resume=resume)
+    run = prepare(plan, progress=progress, log=log)
+    general = cfg.eval.at_end and cfg.eval.general_data is not None
+    before = None
+    if general and plan.fresh:  # the untrained model is the model before any step
+        target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
+        before = _general(cfg, target, plan.run_dir, "general-before")
+        log(f"general ability before training: {headline(before)}")
+    run_dir = finish(run, train(run, log))
+    del run, plan
+    gc.collect()
+    if cfg.eval.at_end and (cfg.eval.data or general):
+        evaluate_at_end(cfg, run_dir, before, log)
+    return run_dir
+
+
+def check_eval_inputs(cfg: Config) -> None:
+    for key in ("data", "general_data"):
+        path = getattr(cfg.eval, key)
+        if path is not None:
+            if not Path(path).is_file():
+                raise DataError(Problem(str(path), None, None, f"eval.{key}: file not found"))
+            load_eval_examples(path, cfg.data if key == "data" else None)
+    if cfg.eval.metric:
+        load_user_metric(cfg.eval.metric)
+
+
+def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) -> None:
+    """eval.at_end: the fine-tuned model (final/) on eval.data, and the forgetting check."""
+    target = load_target(str(run_dir))
+    lines = []
+    if cfg.eval.data:
+        examples = load_eval_examples(cfg.eval.data, cfg.data, cfg.eval.limit)
+        meta = evaluate_examples(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
+                                 data_label=cfg.eval.data)  # fmt: skip
+        lines.append(f"test set ({meta['examples']} examples): {headline(meta)} -> {run_dir / 'eval' / 'finetuned'}")
+    if cfg.eval.general_data:
+        after = _general(cfg, target, run_dir, "general-after")
+        b = before["metrics"].get("contains") if before else None
+        a = after["metrics"].get("contains")
+        if isinstance(a, float) and isinstance(b, float):
+            lines.append(f"general ability (forgetting check, answer contained): {b:.3f} before -> "
+                         f"{a:.3f} after ({a - b:+.3f})")  # fmt: skip
+        else:
+            lines.append(f"general ability after training: {headline(after)}")
+    for line in lines:
+        log(line)
+    with open(run_dir / "summary.md", "a", encoding="utf-8") as f:
+        f.write("\n## Evaluation at the end\n\n" + "".join(f"- {line}\n" for line in lines))
+
+
+def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
+    """The forgetting check's set: short factual answers, scored by normalised exact match and
+    whole-word containment."""
+    examples = load_eval_examples(cfg.eval.general_data, limit=cfg.eval.limit)
+    settings = cfg.eval.model_copy(
+        update={"normalize": True, "metric": None, "max_new_tokens": 32, "metrics": ["exact_match", "contains"]}
+    )
+    return evaluate_examples(target, examples, settings, run_dir / "eval", name=name,
+                             data_label=cfg.eval.general_data)  # fmt: skip
+
+
+def headline(meta: dict) -> str:
+    m = meta["metrics"]
+    keys = [k for k in ("json_equal", "exact_match", "contains", "task") if isinstance(m.get(k), float)]
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
