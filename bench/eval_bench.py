@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--examples", type=int, default=500)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -39,13 +41,21 @@ def main() -> None:
     t1 = time.perf_counter()
     cfg = EvalConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        meta = evaluate_examples(target, examples, cfg, Path(tmp), name="bench", data_label="test x N")
+        meta = evaluate_examples(
+            target, examples, cfg, Path(tmp), name="bench", data_label="test x N"
+        )
     t2 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}")
-    print(f"{args.examples} examples, batch {args.batch_size}, up to {args.max_new_tokens} new tokens, {args.model}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}"
+    )
+    print(
+        f"{args.examples} examples, batch {args.batch_size}, up to {args.max_new_tokens} new tokens, {args.model}"
+    )
     print(f"load model      : {t1 - t0:6.1f} s")
-    print(f"generate        : {meta['generation_seconds']:6.1f} s  ({args.examples / meta['generation_seconds']:.2f} examples/s)")
+    print(
+        f"generate        : {meta['generation_seconds']:6.1f} s  ({args.examples / meta['generation_seconds']:.2f} examples/s)"
+    )
     print(f"score + ref loss: {meta['seconds'] - meta['generation_seconds']:6.1f} s")
     print(f"total           : {t2 - t0:6.1f} s")
     print(f"json_equal {meta['metrics'].get('json_equal'):.3f} (the base model, zero-shot)")

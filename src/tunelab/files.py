@@ -195,7 +195,9 @@ def read_jsonl(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            found.append(Problem(str(path), lineno, None, f"invalid JSON: {e.msg} (column {e.colno})"))
+            found.append(
+                Problem(str(path), lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            )
             continue
         if not isinstance(record, dict):
             kind = type(record).__name__

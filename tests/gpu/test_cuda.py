@@ -7,7 +7,7 @@ import pytest
 
 from tunelab.config.load import load_config
 from tunelab.testing import tiny_model_dir
-from tunelab.train.setup import run_training
+from tunelab.workflow.finetune import finetune as run_training
 
 pytestmark = pytest.mark.gpu
 

@@ -96,6 +96,19 @@ def test_diversity_warning_is_shown_and_strict_fails(capsys):
     assert "warning:" in out and "same instruction" in out
 
 
+def test_diversity_threshold_from_config_and_flag(capsys, tmp_path):
+    # repetitive.jsonl: 90% of records share one instruction; the default threshold 0.5 warns.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  diversity_threshold: 0.95\n")
+    src = str(EXAMPLES / "repetitive.jsonl")
+    code, out, _ = run(capsys, "data", "check", src, "--config", str(cfg), "--json")
+    assert code == 0 and json.loads(out)["diversity"]["warning"] is None  # the config's 0.95
+    code, out, _ = run(
+        capsys, "data", "check", src, "-c", str(cfg), "--diversity-threshold", "0.8", "--json"
+    )
+    assert code == 0 and "same instruction" in json.loads(out)["diversity"]["warning"]
+
+
 def test_train_eval_overlap(capsys, tmp_path):
     train = [json.dumps({"instruction": f"q{i} word{i}", "output": f"a{i}"}) for i in range(10)]
     (tmp_path / "train.jsonl").write_text("\n".join(train))
@@ -164,6 +177,43 @@ def test_split_is_deterministic_and_leak_free(capsys, tmp_path):
     assert not train & test
     code, _, _ = run(capsys, "data", "split", str(src), "--seed", "8", "--out", str(tmp_path / "c"))
     assert (tmp_path / "c" / "test.jsonl").read_text() != outs[0]["test"]
+
+
+def test_split_ratios_and_seed_from_config_flags_and_overrides(capsys, tmp_path):
+    src = str(EXAMPLES / "extract" / "train.jsonl")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  split_ratios: [0.5, 0.5]\n  seed: 7\n")
+
+    def split(name, *args):
+        code, _, err = run(capsys, "data", "split", src, "--out", str(tmp_path / name), *args)
+        assert code == 0, err
+        return {p.name: p.read_text() for p in (tmp_path / name).iterdir()}
+
+    from_config = split("config", "-c", str(cfg))
+    assert sorted(from_config) == ["train.jsonl", "val.jsonl"]  # two shares: no test split
+    assert from_config == split("flags", "--ratios", "0.5,0.5", "--seed", "7")
+    assert from_config == split("dotted", "data.split_ratios=[0.5,0.5]", "data.seed=7")
+    # flags win over the config; with neither, the defaults (0.7/0.15/0.15, seed 42)
+    overridden = split("over", "-c", str(cfg), "--ratios", "0.7,0.15,0.15", "--seed", "42")
+    assert overridden == split("defaults")
+    assert split("seed-only", "-c", str(cfg), "--seed", "42") != from_config
+
+
+def test_split_bad_ratios_in_the_config(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  split_ratios: [0.6, 0.6]\n")
+    code, _, err = run(
+        capsys,
+        "data",
+        "split",
+        str(EXAMPLES / "kto.jsonl"),
+        "-c",
+        str(cfg),
+        "-o",
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and f"{cfg}:2: data.split_ratios: split ratios 0.6/0.6 must sum to 1" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_split_too_few_rows_writes_nothing(capsys, tmp_path):

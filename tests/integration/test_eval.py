@@ -127,6 +127,98 @@ def test_baseline_needs_a_training_split_for_shots(tmp_path, capsys):
     assert code == 2 and "--train" in capsys.readouterr().err
 
 
+def test_baseline_shots_seed_and_instruction_from_config_and_flags(tmp_path, model_dir, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", 16)
+    test = write_jsonl(tmp_path / "test.jsonl", 3, start=100)
+    pool, examples = load_eval_examples(train), load_eval_examples(test)
+
+    def drawn(k, seed):
+        return [str(s.source) for s in pick_shots(pool, k, seed, examples)]
+
+    assert drawn(1, 5) != drawn(1, 0) and drawn(2, 5) != drawn(2, 0)  # the seed matters
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eval:\n  shots: [1]\n  shot_seed: 5\n  instruction: Answer in JSON.\n")
+
+    def baseline(out, *args):
+        code = main(["baseline", "--model", str(model_dir), "--data", str(test), "--train", str(train),
+                     "--out", str(tmp_path / out), "-c", str(cfg), "eval.max_new_tokens=2", "-q", *args])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        folders = sorted((tmp_path / out).iterdir())
+        return [p.name for p in folders], [
+            json.loads((p / "metrics.json").read_text()) for p in folders
+        ]
+
+    names, metas = baseline("config")
+    assert names == ["base-1shot"]
+    assert metas[0]["shot_sources"] == drawn(1, 5) and metas[0]["instruction"] == "Answer in JSON."
+    names, metas = baseline(
+        "flags", "--shots", "2", "--seed", "0", "--instruction", "Be brief ✓ 😀"
+    )
+    assert names == ["base-2shot"]
+    assert metas[0]["shot_sources"] == drawn(2, 0) and metas[0]["instruction"] == "Be brief ✓ 😀"
+
+
+def test_baseline_default_shots_need_a_training_split(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "test.jsonl", 3)
+    code = main(["baseline", "--model", "./x", "--data", str(data)])  # eval.shots: [0, 3]
+    assert code == 2 and "--train" in capsys.readouterr().err
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_eval_sheet_from_config_or_flag(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "test.jsonl", 3)
+    on, off = tmp_path / "on.yaml", tmp_path / "off.yaml"
+    on.write_text("eval:\n  sheet: true\n")
+    off.write_text("eval:\n  sheet: false\n")
+
+    def evaluate(name, *args):  # sampling hot: the random model writes text, not just ""
+        code = main(["eval", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev"), "--name", name,
+                     "eval.max_new_tokens=8", "eval.do_sample=true", "eval.temperature=5", "-q", *args])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        return tmp_path / "ev" / name
+
+    folder = evaluate("tiny", "-c", str(on))
+    sheet, key = read_csv(folder / "rating_sheet.csv"), read_csv(folder / "rating_key.csv")
+    assert sheet[0] == ["item", "prompt", "reference", "answer_A", "rating_A", "notes"]
+    assert key == [["item", "A"], ["1", "tiny"], ["2", "tiny"], ["3", "tiny"]]
+    records = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["prediction"] for r in records)
+    rows = sorted(sheet[1:], key=lambda row: int(row[0]))
+    assert [row[1:4] for row in rows] == [
+        [r["prompt"], r["reference"], r["prediction"]] for r in records
+    ]
+    assert (evaluate("flag", "-c", str(off), "--sheet") / "rating_sheet.csv").is_file()
+    assert not (evaluate("neither") / "rating_sheet.csv").exists()
+
+
+def test_baseline_sheet_covers_every_shot_count(tmp_path, model_dir, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", 8)
+    test = write_jsonl(tmp_path / "test.jsonl", 3, start=100)
+    out = tmp_path / "base"
+    code = main(["baseline", "--model", str(model_dir), "--data", str(test), "--train", str(train), "--shots", "0,1",
+                 "--out", str(out), "eval.max_new_tokens=8", "eval.do_sample=true", "eval.temperature=5",
+                 "eval.sheet=true", "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    sheet, key = read_csv(out / "base-rating_sheet.csv"), read_csv(out / "base-rating_key.csv")
+    assert sheet[0][3:5] == ["answer_A", "answer_B"] and key[0] == ["item", "A", "B"]
+    predictions = {
+        name: [json.loads(x)["prediction"] for x in (out / name / "predictions.jsonl").read_text().splitlines()]
+        for name in ("base-0shot", "base-1shot")
+    }  # fmt: skip
+    assert predictions["base-0shot"] != predictions["base-1shot"]  # else the key is untestable
+    behind = {row[0]: row[1:] for row in key[1:]}
+    assert len(sheet) == 4 and all(sorted(b) == sorted(predictions) for b in behind.values())
+    for row in sheet[1:]:
+        item = int(row[0])
+        assert row[3:5] == [predictions[name][item - 1] for name in behind[row[0]]]
+
+
 def test_eval_rejects_preference_data(tmp_path, capsys):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
@@ -152,7 +244,7 @@ def test_baseline_train_eval_compare_end_to_end(tmp_path, model_dir, capsys):
         "name=run", "train.max_steps=2", "train.micro_batch_size=2", "method.r=4", f"eval.data={test}",
         "eval.at_end=true", f"eval.general_data={test}", "eval.max_new_tokens=6",
     ])  # fmt: skip
-    from tunelab.train.setup import run_training
+    from tunelab.workflow.finetune import finetune as run_training
 
     run = run_training(cfg, log=lambda *a: None)
     assert (run / "eval" / "finetuned" / "metrics.json").is_file()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.integration.runs import Interrupted, config, final_weights, halt_after, losses, quiet
 from tunelab.cli import main
 from tunelab.config.load import load_config
 from tunelab.testing import tiny_model_dir
@@ -17,63 +18,6 @@ from tunelab.train.plan import ResumeError
 from tunelab.workflow.finetune import finetune as run_training
 
 METHODS = ["full", "freeze", "lora"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = []
-    for i in range(16):
-        rows.append({"messages": [
-            {"role": "user", "content": f"Extract the number from: order {i} of {i * 7} boxes"},
-            {"role": "assistant", "content": json.dumps({"order": i, "boxes": i * 7})},
-        ]})  # fmt: skip
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
-def config(tmp_path, model_dir, data_file, *extra):
-    base = [
-        f"model.name={model_dir}", f"data.path={data_file}", "data.val_ratio=0.25",
-        f"train.output_dir={tmp_path}", "name=run", "train.micro_batch_size=2", "train.grad_accum=2",
-        "train.max_steps=6", "train.lr=1e-3", "train.eval_steps=2", "train.save_steps=1", "train.keep_last=10",
-        "method.r=4",
-    ]  # fmt: skip
-    return load_config(None, base + list(extra))
-
-
-def losses(run_dir):
-    return [
-        r
-        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-        if "loss" in r
-    ]
-
-
-def quiet(*_a, **_k):
-    pass
-
-
-class Interrupted(Exception):
-    """Raised from the progress callback: the process stops as a crash would."""
-
-
-def halt_after(step, seen=None):
-    """A progress callback that stops the run once step ``step + 1`` has been computed, so
-    the last checkpoint is step ``step``'s (with save_steps=1). ``seen`` collects the steps."""
-
-    def progress(at, _total, record):
-        if seen is not None and "loss" in record:
-            seen.append(record["step"])
-        if "loss" in record and record["step"] == step + 1:
-            raise Interrupted(step)
-
-    return progress
 
 
 # -- the run folder ----------------------------------------------------------------------------
@@ -184,8 +128,8 @@ def test_exact_resume(tmp_path, model_dir, data_file, method, halt):
     assert [(r["step"], r["loss"], r["lr"], r["order"]) for r in a] == [
         (r["step"], r["loss"], r["lr"], r["order"]) for r in b
     ]
-    wa = _final_weights(full)
-    wb = _final_weights(resumed)
+    wa = final_weights(full)
+    wb = final_weights(resumed)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     sa = torch.load(full / "checkpoints" / "step-000007" / "optimizer.pt", weights_only=False)[
@@ -197,19 +141,19 @@ def test_exact_resume(tmp_path, model_dir, data_file, method, halt):
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
 
 
-def _final_weights(run):
-    files = list((run / "final").glob("*.safetensors"))
-    out = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
-
-
 # -- 15: killed process ------------------------------------------------------------------------
-def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path, model_dir, data_file):
+def test_sigkill_then_resume_gives_the_samefinal_weights(tmp_path, model_dir, data_file):
     args = [f"model.name={model_dir}", f"data.path={data_file}", "data.val_ratio=0.25", "train.max_steps=30",
             "train.micro_batch_size=2", "train.save_steps=2", "method.r=4", "name=run"]  # fmt: skip
-    cmd = [sys.executable, "-m", "tunelab", "train", "-q", f"train.output_dir={tmp_path / 'killed'}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunelab",
+        "train",
+        "-q",
+        f"train.output_dir={tmp_path / 'killed'}",
+        *args,
+    ]
     killed = tmp_path / "killed" / "run"
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:  # kill it from outside once it is a few steps in, wherever it is then
@@ -227,7 +171,7 @@ def test_sigkill_then_resume_gives_the_same_final_weights(tmp_path, model_dir, d
     whole = run_training(
         load_config(None, [*args, f"train.output_dir={tmp_path / 'whole'}"]), log=quiet
     )
-    wa, wb = _final_weights(whole), _final_weights(killed)
+    wa, wb = final_weights(whole), final_weights(killed)
     assert wa and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -337,7 +281,7 @@ def test_nan_loss_is_skipped_and_logged(tmp_path, model_dir, data_file, monkeypa
         False,
         False,
     ]
-    assert all(torch.isfinite(t).all() for t in _final_weights(run).values())
+    assert all(torch.isfinite(t).all() for t in final_weights(run).values())
     assert "nan" in (run / "summary.md").read_text().lower()
 
 
@@ -356,7 +300,7 @@ def test_huge_lr_keeps_parameters_finite(tmp_path, model_dir, data_file):
     run = run_training(config(tmp_path, model_dir, data_file, "train.lr=1e9", "method.name=full",
                               "train.max_nan_skips=10"), log=quiet)  # fmt: skip
     assert any(r.get("nan_skipped") for r in losses(run))
-    assert all(torch.isfinite(t).all() for t in _final_weights(run).values())
+    assert all(torch.isfinite(t).all() for t in final_weights(run).values())
 
 
 # -- 18: out of memory -------------------------------------------------------------------------

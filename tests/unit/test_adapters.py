@@ -36,6 +36,7 @@ def trainable_named_parameters(model, cfg=None):
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return get_method(cfg).optimizer_parameters(model)
 
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is the capital of France? Paris.",

@@ -24,6 +24,14 @@ def test_defaults_and_overrides(tmp_path):
     assert load_config().data.prompt_loss_weight == 0.1  # the documented default
 
 
+def test_defaults_of_settings_that_were_only_flags():
+    cfg = load_config()
+    assert cfg.data.split_ratios == [0.7, 0.15, 0.15] and cfg.data.seed == 42
+    assert cfg.data.diversity_threshold == 0.5
+    assert cfg.eval.shots == [0, 3] and cfg.eval.shot_seed == 0 and cfg.eval.instruction is None
+    assert cfg.eval.sheet is False
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["data.val_ratio=0.2", "data.columns={instruction: q}"])
     p = tmp_path / "resolved.yaml"
@@ -57,6 +65,12 @@ def test_unknown_section(tmp_path):
         ("data.format=parquet", "expected one of: 'auto', 'alpaca', 'chat', 'preference', 'kto', 'text'"),
         ("data.columns={instrction: q}", "unknown record field 'instrction'"),
         ("data.max_seq_len=abc", "data.max_seq_len: input should be a valid integer"),
+        ("data.split_ratios=[0.6, 0.6]", "data.split_ratios: split ratios 0.6/0.6 must sum to 1 (they sum to 1.2)"),
+        ("data.split_ratios=[1.0]", "data.split_ratios: expected two or three shares (train, val[, test]), got 1: 1"),
+        ("data.split_ratios=[1.2, -0.2]", "data.split_ratios: split ratios 1.2/-0.2 must all be positive"),
+        ("data.diversity_threshold=0", "data.diversity_threshold: input should be greater than 0"),
+        ("eval.shots=[0, -3]", "eval.shots: shot counts must be non-negative (got [0, -3])"),
+        ("eval.shots=[]", "eval.shots: expected at least one shot count"),
     ],
 )  # fmt: skip
 def test_impossible_values(override, expected):

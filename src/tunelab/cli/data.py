@@ -23,10 +23,13 @@ _FORMAT = typer.Option(
 )
 
 
-def _data_config(config: Path | None, **flags) -> DataConfig:
-    """The config's data section, with command-line flags (when given) on top, validated."""
-    overrides = [f"data.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return load_config(config, overrides).data
+def _data_config(config: Path | None, overrides: list[str] | None = None, **flags) -> DataConfig:
+    """The config's data section, with command-line flags (when given) and then dotted
+    ``overrides`` on top, validated."""
+    from_flags = [
+        f"data.{k}={json.dumps(v, ensure_ascii=False)}" for k, v in flags.items() if v is not None
+    ]
+    return load_config(config, from_flags + list(overrides or [])).data
 
 
 def _progress(console: Console, quiet: bool) -> Progress:
@@ -64,8 +67,10 @@ def check(
     ),
     format: str | None = _FORMAT,
     config: Path | None = _CONFIG,
-    diversity_threshold: float = typer.Option(
-        0.5, help="Warn when one instruction covers more than this share."
+    diversity_threshold: float | None = typer.Option(
+        None,
+        "--diversity-threshold",
+        help="Warn when one instruction covers more than this share (data.diversity_threshold, default 0.5).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON to stdout."),
     strict: bool = typer.Option(
@@ -81,7 +86,10 @@ def check(
     from tunelab.data.pipeline import load_examples
     from tunelab.data.stats import compute_overlap, compute_stats, render_stats
 
-    cfg = _data_config(config, max_seq_len=max_seq_len, truncation=truncation, format=format)
+    cfg = _data_config(
+        config, max_seq_len=max_seq_len, truncation=truncation, format=format,
+        diversity_threshold=diversity_threshold,
+    )  # fmt: skip
     console = Console(stderr=as_json, highlight=False)
     examples = load_examples(file, cfg)
     other = load_examples(eval_file, cfg) if eval_file else None
@@ -98,7 +106,7 @@ def check(
         )
     stats = compute_stats(
         examples, report, max_seq_len=cfg.max_seq_len, truncation=cfg.truncation,
-        diversity_threshold=diversity_threshold,
+        diversity_threshold=cfg.diversity_threshold,
     )  # fmt: skip
     overlap = compute_overlap(examples, other) if other is not None else None
     if as_json:
@@ -115,10 +123,17 @@ def check(
 @app.command("split")
 def split(
     file: Path = typer.Argument(..., help="The data file to split."),
-    ratios: str = typer.Option(
-        "0.7,0.15,0.15", help="Shares of train,val,test (two or three numbers)."
+    overrides: list[str] | None = typer.Argument(
+        None, help="Dotted overrides, e.g. data.split_ratios=[0.8,0.2]."
     ),
-    seed: int = typer.Option(42, help="Same seed, same split, on any machine."),
+    ratios: str | None = typer.Option(
+        None,
+        "--ratios",
+        help="Shares of train,val,test, two or three numbers (data.split_ratios, default 0.7,0.15,0.15).",
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Same seed, same split, on any machine (data.seed, default 42)."
+    ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Output folder (default: next to FILE)."
     ),
@@ -136,15 +151,17 @@ def split(
     from tunelab.data.split import split_indices, write_jsonl_atomic_many
     from tunelab.errors import ConfigError
 
-    try:
-        shares = [float(x) for x in ratios.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"--ratios {ratios!r}: expected comma-separated numbers, e.g. 0.7,0.15,0.15"
-        ) from None
-    if len(shares) not in (2, 3):
-        raise ConfigError(f"--ratios {ratios!r}: expected two or three shares (train,val[,test])")
-    cfg = _data_config(config, format=format, dedup=dedup)
+    shares = None
+    if ratios is not None:
+        try:
+            shares = [float(x) for x in ratios.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--ratios {ratios!r}: expected comma-separated numbers, e.g. 0.7,0.15,0.15"
+            ) from None
+    cfg = _data_config(
+        config, overrides, format=format, dedup=dedup, split_ratios=shares, seed=seed
+    )
     rows = read_rows(file)  # read once: the examples to split, and the original rows to write
     examples = parse_examples(
         rows, format=cfg.format, columns=cfg.columns, system_prompt=cfg.system_prompt
@@ -155,8 +172,8 @@ def split(
         keep = {id(ex) for ex in kept}
         rows = [r for r, ex in zip(rows, examples, strict=True) if id(ex) in keep]
         examples = kept
-    parts = split_indices(examples, shares, seed)
-    names = ("train", "val", "test")[: len(shares)]
+    parts = split_indices(examples, cfg.split_ratios, cfg.seed)
+    names = ("train", "val", "test")[: len(cfg.split_ratios)]
     folder = out or file.parent / f"{file.stem}_split"
     targets = [folder / f"{name}.jsonl" for name in names]
     write_jsonl_atomic_many(

@@ -19,6 +19,9 @@ _METRIC = typer.Option(
 _CONFIG = typer.Option(
     None, "--config", "-c", help="Read the eval section (and data settings) from this YAML."
 )
+_SHEET = typer.Option(
+    None, "--sheet", help="Also write a blind human-rating sheet (CSV + key); eval.sheet."
+)
 
 
 def _eval_config(config: Path | None, overrides: list[str]):
@@ -28,7 +31,25 @@ def _eval_config(config: Path | None, overrides: list[str]):
 
 
 def _flag_overrides(**flags) -> list[str]:
-    return [f"eval.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    # ensure_ascii=False: YAML would turn a JSON surrogate pair (an emoji) into two lone halves
+    return [
+        f"eval.{k}={json.dumps(v, ensure_ascii=False)}" for k, v in flags.items() if v is not None
+    ]
+
+
+def _rating_sheet(runs, folder: Path, prefix: str = "") -> tuple[Path, Path]:
+    """A blind rating sheet (``folder/<prefix>rating_sheet.csv`` and its key) over the examples
+    every one of ``runs`` (loaded evaluations) answered; the systems are the runs' names."""
+    from tunelab.evaluate.sheet import write_rating_sheet
+
+    by_run = [{(r["source"], r["index"]): r for r in run.records} for run in runs]
+    first = by_run[0]
+    keys = [k for k in first if all(k in m for m in by_run)]
+    return write_rating_sheet(
+        folder, [first[k]["prompt"] for k in keys], [first[k]["reference"] for k in keys],
+        {run.name: [m[k]["prediction"] for k in keys] for run, m in zip(runs, by_run, strict=True)},
+        prefix=prefix,
+    )  # fmt: skip
 
 
 def _progress(quiet: bool) -> Progress:
@@ -111,13 +132,16 @@ def eval_command(
     judge_model: str | None = typer.Option(
         None, "--judge-model", help="Judge model (endpoint id or local model)."
     ),
+    sheet: bool | None = _SHEET,
     config: Path | None = _CONFIG,
     quiet: bool = _QUIET,
 ) -> None:
     """Generate answers for a held-out set and score them (exact, JSON, BLEU, ROUGE, loss, yours, judge)."""
     from tunelab.evaluate.run import evaluate_examples, load_eval_examples, load_target
 
-    flags = _flag_overrides(data=str(data) if data else None, metric=metric, limit=limit)
+    flags = _flag_overrides(
+        data=str(data) if data else None, metric=metric, limit=limit, sheet=sheet
+    )
     flags += [f"eval.judge.base_url={judge_url}"] if judge_url else []
     flags += [f"eval.judge.model={judge_model}"] if judge_model else []
     cfg = _eval_config(config, flags + list(overrides or []))
@@ -141,6 +165,11 @@ def eval_command(
             on_progress=lambda n: progress.advance(task, n), judge=judge,
         )  # fmt: skip
     _show(meta, out / label, console)
+    if cfg.eval.sheet:
+        from tunelab.evaluate.compare import load_eval
+
+        paths = _rating_sheet([load_eval(out / label)], out / label)
+        console.print(f"rating sheet: {paths[0]} (key: {paths[1]})")
 
 
 def baseline_command(
@@ -151,18 +180,25 @@ def baseline_command(
         "smollm2-135m-instruct", "--model", "-m", help="The base model to prompt."
     ),
     data: Path = typer.Option(..., "--data", "-d", help="The held-out test file."),
-    shots: str = typer.Option("0,3", "--shots", help="Comma-separated shot counts, e.g. 0,3,5."),
+    shots: str | None = typer.Option(
+        None, "--shots", help="Comma-separated shot counts, e.g. 0,3,5 (eval.shots, default 0,3)."
+    ),
     train: Path | None = typer.Option(
         None, "--train", help="Where shots come from (the training split)."
     ),
     instruction: str | None = typer.Option(
-        None, "--instruction", help="Extra instruction added to the system prompt."
+        None,
+        "--instruction",
+        help="Extra instruction added to the system prompt (eval.instruction).",
     ),
-    seed: int = typer.Option(0, help="Which shots are drawn."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Which shots are drawn (eval.shot_seed, default 0)."
+    ),
     prefix: str = typer.Option("base", "--prefix", help="Evaluations are named PREFIX-<k>shot."),
     out: Path = _OUT,
     metric: str | None = _METRIC,
     limit: int | None = _LIMIT,
+    sheet: bool | None = _SHEET,
     config: Path | None = _CONFIG,
     quiet: bool = _QUIET,
 ) -> None:
@@ -170,25 +206,28 @@ def baseline_command(
     from tunelab.errors import ConfigError
     from tunelab.evaluate.run import evaluate_examples, load_eval_examples, load_target, pick_shots
 
-    try:
-        counts = [int(x) for x in shots.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"--shots {shots!r}: expected comma-separated integers, e.g. 0,3,5"
-        ) from None
-    if any(k < 0 for k in counts) or not counts:
-        raise ConfigError(f"--shots {shots!r}: expected non-negative integers")
+    shot_counts = None
+    if shots is not None:
+        try:
+            shot_counts = [int(x) for x in shots.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--shots {shots!r}: expected comma-separated integers, e.g. 0,3,5"
+            ) from None
+    flags = _flag_overrides(
+        data=str(data), metric=metric, limit=limit, shots=shot_counts, shot_seed=seed,
+        instruction=instruction, sheet=sheet,
+    )  # fmt: skip
+    cfg = _eval_config(config, flags + list(overrides or []))
+    counts = cfg.eval.shots
     if any(counts) and train is None:
         raise ConfigError(
             "--train: k-shot prompts need the training split to draw shots from (never the test set)"
         )
-    cfg = _eval_config(
-        config, _flag_overrides(data=str(data), metric=metric, limit=limit) + list(overrides or [])
-    )
     examples = load_eval_examples(data, cfg.data, cfg.eval.limit)
     pool = load_eval_examples(train, cfg.data) if train else []
     chosen = {
-        k: pick_shots(pool, k, seed, examples) for k in counts
+        k: pick_shots(pool, k, cfg.eval.shot_seed, examples) for k in counts
     }  # every error before loading a model
     if cfg.eval.metric:
         from tunelab.evaluate.metrics import load_user_metric
@@ -202,9 +241,16 @@ def baseline_command(
             task = progress.add_task(f"generating ({label})", total=len(examples))
             meta = evaluate_examples(
                 loaded, examples, cfg.eval, out, name=label, data_label=str(data), shots=chosen[k],
-                instruction=instruction, on_progress=lambda n, t=task, p=progress: p.advance(t, n),
+                instruction=cfg.eval.instruction,
+                on_progress=lambda n, t=task, p=progress: p.advance(t, n),
             )  # fmt: skip
         _show(meta, out / label, console)
+    if cfg.eval.sheet:  # one blind sheet over every shot count, next to the evaluations
+        from tunelab.evaluate.compare import load_eval
+
+        labels = dict.fromkeys(f"{prefix}-{k}shot" for k in counts)
+        paths = _rating_sheet([load_eval(out / x) for x in labels], out, prefix=f"{prefix}-")
+        console.print(f"rating sheet: {paths[0]} (key: {paths[1]})")
 
 
 def compare_command(
@@ -226,17 +272,5 @@ def compare_command(
     print(format_table(result))
     print(f"report: {md} and {html}")
     if sheet:
-        from tunelab.evaluate.sheet import write_rating_sheet
-
-        first = {(r["source"], r["index"]): r for r in runs[0].records}
-        keys = [
-            k
-            for k in first
-            if all((k in {(r["source"], r["index"]) for r in run.records}) for run in runs)
-        ]
-        by_run = [{(r["source"], r["index"]): r for r in run.records} for run in runs]
-        paths = write_rating_sheet(
-            folder, [first[k]["prompt"] for k in keys], [first[k]["reference"] for k in keys],
-            {run.name: [m[k]["prediction"] for k in keys] for run, m in zip(runs, by_run, strict=True)},
-        )  # fmt: skip
+        paths = _rating_sheet(runs, folder)
         print(f"rating sheet: {paths[0]} (key: {paths[1]})")

@@ -21,7 +21,9 @@ def train(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (for CI and logs)."),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Check everything and print the run plan; load no weights, train nothing."
+        False,
+        "--dry-run",
+        help="Check everything and print the run plan; load no weights, train nothing.",
     ),
 ) -> None:
     """Fine-tune a model. Writes a run folder: config, metrics, checkpoints, final adapter, plot, summary."""

@@ -112,7 +112,9 @@ def reference_loss(
     with torch.no_grad():
         for i in range(0, len(report.examples), batch_size):
             b = collate([t.seq for t in report.examples[i : i + batch_size]], pad).to(device)
-            loss = causal_lm_nll_sum(target.model, b.input_ids, b.attention_mask, b.position_ids, b.loss_weights)
+            loss = causal_lm_nll_sum(
+                target.model, b.input_ids, b.attention_mask, b.position_ids, b.loss_weights
+            )
             total += float(loss)
             weight += float(target_weights(b.loss_weights).sum())
     return total / weight if weight else None
@@ -201,4 +203,6 @@ def evaluate_examples(
 def _write(folder: Path, records: list[dict], meta: dict) -> None:
     with atomic_folder(folder) as tmp:
         (tmp / "predictions.jsonl").write_text(jsonl_text(records), encoding="utf-8")
-        (tmp / "metrics.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / "metrics.json").write_text(
+            json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8"
+        )

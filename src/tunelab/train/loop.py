@@ -94,7 +94,9 @@ def optimizer_step(run: Run) -> dict:
         loss = accumulate(run.model, plan.objective, batches, run.autocast, run.scaler)
     except Exception as e:
         if is_oom(e):
-            raise TrainingStopped(out_of_memory_message(plan.cfg, plan.method, f"step {step + 1}")) from None
+            raise TrainingStopped(
+                out_of_memory_message(plan.cfg, plan.method, f"step {step + 1}")
+            ) from None
         raise
     grad_norm = _clip(run)
     lr = run.schedule.apply(run.optimizer, step)
@@ -117,7 +119,9 @@ def optimizer_step(run: Run) -> dict:
     }  # fmt: skip
 
 
-def accumulate(model, objective, batches: list, autocast=contextlib.nullcontext, scaler=None) -> float:
+def accumulate(
+    model, objective, batches: list, autocast=contextlib.nullcontext, scaler=None
+) -> float:
     """Forward and backward every micro-batch of one optimizer step; return the step's loss.
 
     Each micro-batch's summed loss is divided by the weight of the *whole step*, so the
@@ -228,7 +232,9 @@ def validation_loss(run: Run) -> float | None:
         return _validation_loss(run)
     except Exception as e:
         if is_oom(e):
-            raise TrainingStopped(out_of_memory_message(run.plan.cfg, run.plan.method, "evaluation")) from None
+            raise TrainingStopped(
+                out_of_memory_message(run.plan.cfg, run.plan.method, "evaluation")
+            ) from None
         raise
 
 

@@ -139,7 +139,9 @@ def load_resume_config(run_dir: Path, overrides: list[str]) -> Config:
 def run_folder(cfg: Config, resume: Path | None) -> Path:
     if resume is not None:
         return resume
-    name = cfg.name or f"{Path(cfg.data.path).stem}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = (
+        cfg.name or f"{Path(cfg.data.path).stem}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     run_dir = Path(cfg.train.output_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(

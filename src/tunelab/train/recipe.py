@@ -46,7 +46,9 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
     torch.manual_seed(plan.cfg.train.seed)  # adapters initialise the same way, however loaded
     model = plan.method.apply(model)
     t = plan.cfg.train
-    optimizer = build_optimizer(plan.method.optimizer_parameters(model), t, plan.placement.device.type)
+    optimizer = build_optimizer(
+        plan.method.optimizer_parameters(model), t, plan.placement.device.type
+    )
     fp16 = plan.placement.autocast_dtype == torch.float16
     run = Run(
         plan=plan, model=model, optimizer=optimizer, schedule=Schedule(t, plan.total_steps),
@@ -127,7 +129,7 @@ def finish(run: Run, outcome: Outcome):
 def _final_weights(run: Run) -> tuple[int, str]:
     """Put the weights final/ keeps into the model; (their step, a sentence saying which)."""
     state, plan = run.state, run.plan
-    last = f"the last step ({state.step})"
+    last = f"the last step (step {state.step})"
     if plan.keep != "best":
         return state.step, last
     best = run.checkpoints.best()

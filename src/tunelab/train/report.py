@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from tunelab.files import atomic_write_bytes, read_jsonl
 from tunelab.models.methods import summary_fields
+from tunelab.models.nll import perplexity
 
 # ---- metrics.jsonl -----------------------------------------------------------------------
 
@@ -179,72 +180,72 @@ def write_summary(run_dir: Path, info: dict) -> Path:
     epochs, stopped_early, elapsed_s | seconds, wall_seconds, tokens_per_s,
     peak_memory_bytes, peak_gpu_gib, peak_rss_gib, final_train_loss, best_eval_loss,
     best_step, nan_skips, output. Any other key is listed at the end as it is."""
-    used: set[str] = set()
+    out = _Lines(info)
+    out.lines += [f"# Run {out.pick('name') or Path(run_dir).name}", ""]
+    _setup(out)
+    _results(out)
+    for key, value in info.items():
+        if key not in out.used and value is not None:
+            out.add(key, _settings(value) if isinstance(value, dict) else value)
+    lines = out.lines
+    path = Path(run_dir) / "summary.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
 
-    def pick(*keys: str) -> Any:
-        used.update(keys)
-        return next((info[k] for k in keys if info.get(k) is not None), None)
 
-    lines = [f"# Run {pick('name') or Path(run_dir).name}", ""]
+class _Lines:
+    """The summary's lines, and which keys of ``info`` they used."""
 
-    def add(label: str, *parts: Any) -> None:
+    def __init__(self, info: dict):
+        self.info, self.used, self.lines = info, set(), []
+
+    def pick(self, *keys: str) -> Any:
+        self.used.update(keys)
+        return next((self.info[k] for k in keys if self.info.get(k) is not None), None)
+
+    def add(self, label: str, *parts: Any) -> None:
         text = ", ".join(str(p) for p in parts if not _blank(p))
         if text:
-            lines.append(f"- **{label}:** {text}")
+            self.lines.append(f"- **{label}:** {text}")
 
+
+def _setup(out: _Lines) -> None:
+    pick, add, info = out.pick, out.add, out.info
     add("Model", pick("model"), _count(pick("parameters"), "parameters"), pick("device"))
     method, hyperparameters = _method(pick("method")), _settings(pick("hyperparameters"))
     add("Method", f"{method} ({hyperparameters})" if method and hyperparameters else method)
     if not method:
         add("Hyperparameters", hyperparameters)
+    add("Objective", pick("objective"))
     add("Training settings", _settings(pick("train"), _TRAIN_FIELDS))
-    add(
-        "Data",
-        _count(pick("train_records", "train_examples"), "train records"),
+    add("Data", _count(pick("train_records", "train_examples"), "train records"),
         _count(pick("val_records", "val_examples"), "validation records"),
-        _count(pick("train_tokens", "tokens"), "tokens"),
-    )
-    add(
-        "Progress",
-        _count(pick("steps"), "steps"),
-        _count(pick("epochs"), "epochs"),
-        pick("stopped_early") and "stopped early",
-    )
-    add(
-        "Time",
-        _duration(pick("elapsed_s", "seconds")),
+        _count(pick("train_tokens", "tokens"), "tokens"))  # fmt: skip
+    add("Progress", _count(pick("steps"), "steps"), _count(pick("epochs"), "epochs"),
+        pick("stopped_early") and "stopped early")  # fmt: skip
+    add("Time", _duration(pick("elapsed_s", "seconds")),
         _duration(pick("wall_seconds")) and f"{_duration(info['wall_seconds'])} in all",
-        _count(pick("tokens_per_s"), "tokens/s"),
-    )
-    add(
-        "Peak memory",
-        _gib(pick("peak_memory_bytes"), per_unit=1),
+        _count(pick("tokens_per_s"), "tokens/s"))  # fmt: skip
+    add("Peak memory", _gib(pick("peak_memory_bytes"), per_unit=1),
         _gib(pick("peak_gpu_gib")) and f"GPU {_gib(info['peak_gpu_gib'])}",
-        _gib(pick("peak_rss_gib")) and f"process {_gib(info['peak_rss_gib'])}",
-    )
+        _gib(pick("peak_rss_gib")) and f"process {_gib(info['peak_rss_gib'])}")  # fmt: skip
+
+
+def _results(out: _Lines) -> None:
+    pick, add, info = out.pick, out.add, out.info
     add("Final train loss", _loss(pick("final_train_loss")))
     before = pick("initial_eval_loss")
     if _is_number(before):
-        add(
-            "Eval loss before training",
-            f"{before:.4f} (perplexity {math.exp(min(before, 700.0)):.2f})",
-        )
+        add("Eval loss before training", f"{before:.4f} (perplexity {perplexity(before):.2f})")
     best, step = pick("best_eval_loss"), pick("best_step")
     if _is_number(best):
-        perplexity = math.exp(min(best, 700.0))
         at = f" at step {step}" if step is not None else ""
-        add("Best eval loss", f"{best:.4f} (perplexity {perplexity:.2f}){at}")
+        add("Best eval loss", f"{best:.4f} (perplexity {perplexity(best):.2f}){at}")
     add("NaN/Inf steps skipped", pick("nan_skips"))
+    out.used.update(("keep", "final_step"))  # said in words by "final"
     add("Final weights", pick("final"))
     add("Output", pick("output") and f"`{info['output']}`")
-    for key, value in info.items():
-        if key not in used and value is not None:
-            add(key, _settings(value) if isinstance(value, dict) else value)
-
-    path = Path(run_dir) / "summary.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
-    return path
 
 
 def _blank(value: Any) -> bool:

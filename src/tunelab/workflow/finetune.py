@@ -39,9 +39,9 @@ def finetune(cfg: Config, *, resume: Path | None = None, progress=None, log=prin
         before = _general(cfg, target, plan.run_dir, "general-before")
         log(f"general ability before training: {headline(before)}")
     run_dir = finish(run, train(run, log))
-    del run, plan
-    gc.collect()
     if cfg.eval.at_end and (cfg.eval.data or general):
+        del run, plan  # the trained model's memory, before final/ is loaded to be evaluated
+        gc.collect()
         evaluate_at_end(cfg, run_dir, before, log)
     return run_dir
 
@@ -65,7 +65,9 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) 
         examples = load_eval_examples(cfg.eval.data, cfg.data, cfg.eval.limit)
         meta = evaluate_examples(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
                                  data_label=cfg.eval.data)  # fmt: skip
-        lines.append(f"test set ({meta['examples']} examples): {headline(meta)} -> {run_dir / 'eval' / 'finetuned'}")
+        lines.append(
+            f"test set ({meta['examples']} examples): {headline(meta)} -> {run_dir / 'eval' / 'finetuned'}"
+        )
     if cfg.eval.general_data:
         after = _general(cfg, target, run_dir, "general-after")
         b = before["metrics"].get("contains") if before else None
@@ -86,7 +88,12 @@ def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
     whole-word containment."""
     examples = load_eval_examples(cfg.eval.general_data, limit=cfg.eval.limit)
     settings = cfg.eval.model_copy(
-        update={"normalize": True, "metric": None, "max_new_tokens": 32, "metrics": ["exact_match", "contains"]}
+        update={
+            "normalize": True,
+            "metric": None,
+            "max_new_tokens": 32,
+            "metrics": ["exact_match", "contains"],
+        }
     )
     return evaluate_examples(target, examples, settings, run_dir / "eval", name=name,
                              data_label=cfg.eval.general_data)  # fmt: skip
@@ -94,5 +101,7 @@ def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
 
 def headline(meta: dict) -> str:
     m = meta["metrics"]
-    keys = [k for k in ("json_equal", "exact_match", "contains", "task") if isinstance(m.get(k), float)]
+    keys = [
+        k for k in ("json_equal", "exact_match", "contains", "task") if isinstance(m.get(k), float)
+    ]
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys)

@@ -75,7 +75,11 @@ class Method:
 
     def describe(self) -> str:
         values = self.cfg.model_dump(mode="json")
-        shown = ", ".join(f"{k}={values[k]}" for k in self.summary_fields if values.get(k) not in (None, [], False))
+        shown = ", ".join(
+            f"{k}={values[k]}"
+            for k in self.summary_fields
+            if values.get(k) not in (None, [], False)
+        )
         return f"{self.name} ({shown})" if shown else self.name
 
     def refuse_quantized(self, model: nn.Module) -> None:

@@ -100,8 +100,12 @@ class QLoRA(LoRA):
             )
         for bits in (4, 8):
             if getattr(model, f"is_loaded_in_{bits}bit", False) and bits != self.cfg.bits:
-                raise ConfigError(f"method.bits: {self.cfg.bits} but the model was loaded in {bits}-bit")
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+                raise ConfigError(
+                    f"method.bits: {self.cfg.bits} but the model was loaded in {bits}-bit"
+                )
+        checkpointing = any(
+            getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+        )
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
     def memory_advice(self) -> list[str]:

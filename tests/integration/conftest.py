@@ -1,0 +1,25 @@
+import json
+
+import pytest
+
+from tunelab.testing import tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama-style model folder (2 layers, 64 wide, chatml tokenizer)."""
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """16 short extraction conversations."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = []
+    for i in range(16):
+        rows.append({"messages": [
+            {"role": "user", "content": f"Extract the number from: order {i} of {i * 7} boxes"},
+            {"role": "assistant", "content": json.dumps({"order": i, "boxes": i * 7})},
+        ]})  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
