@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -37,3 +38,33 @@ def write(tmp_path):
         return path
 
     return _write
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Fail on any open of a weight file (Python opens via an audit hook; safetensors' own
+    reader and transformers' model loading patched)."""
+    opened, armed = [], [True]
+
+    def hook(event, args):
+        if armed[0] and event == "open" and str(args[0]).endswith(WEIGHT_SUFFIXES):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(hook)  # hooks cannot be removed: this one only records while armed
+    import safetensors
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        opened.append(str(args[0]) if args else "?")
+        raise AssertionError("a weight file was read")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    yield opened
+    armed[0] = False
+    assert not opened, f"weight files opened: {opened}"

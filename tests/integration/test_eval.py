@@ -315,3 +315,33 @@ def test_bad_eval_inputs_fail_before_training(tmp_path, model_dir, capsys):
     code = main(["train", "-q", *base, f"eval.data={train}", "eval.metric=no_such_mod_q:f"])
     assert code == 2 and "no_such_mod_q" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_honours_model_precision(tmp_path, model_dir, monkeypatch):
+    """model.precision reaches the evaluated weights (given as an override); without it a
+    model loads in auto precision (fp32 on a CPU)."""
+    import torch
+
+    from tunelab.cli import evaluate as cli_eval
+
+    seen = []
+    real = cli_eval.__dict__.get("_placement_override")
+
+    def spy(cfg):
+        settings = real(cfg)
+        seen.append(settings.precision if settings else None)
+        return settings
+
+    monkeypatch.setattr(cli_eval, "_placement_override", spy)
+    test = write_jsonl(tmp_path / "t.jsonl", 2)
+    for extra in ([], ["model.precision=bf16"]):
+        code = main(["eval", str(model_dir), "--data", str(test), "--out", str(tmp_path / "o"), "-q",
+                     "eval.max_new_tokens=2", *extra])  # fmt: skip
+        assert code == 0
+    assert seen == [None, "bf16"]
+    from tunelab.config.schema import ModelConfig
+    from tunelab.evaluate.run import load_target
+
+    loaded = load_target(str(model_dir), ModelConfig(precision="bf16"))
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert next(load_target(str(model_dir)).model.parameters()).dtype == torch.float32

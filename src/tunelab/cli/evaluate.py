@@ -88,6 +88,12 @@ def _judge(cfg):
     return None
 
 
+def _placement_override(cfg):
+    """The model settings to load with when model.precision or model.device was given (in the
+    YAML or as an override); None: a run's own settings (or auto for a plain model)."""
+    return cfg.model if {"precision", "device"} & cfg.model.model_fields_set else None
+
+
 def _slug(text: str) -> str:
     return (
         re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name if Path(text).exists() else text).strip(
@@ -156,7 +162,7 @@ def eval_command(
         load_user_metric(cfg.eval.metric)
     judge = _judge(cfg)
     console = Console(stderr=True, highlight=False)
-    loaded = load_target(target)
+    loaded = load_target(target, _placement_override(cfg))
     label = name or _slug(target)
     with _progress(quiet) as progress:
         task = progress.add_task(f"generating ({label})", total=len(examples))
@@ -234,7 +240,7 @@ def baseline_command(
 
         load_user_metric(cfg.eval.metric)
     console = Console(stderr=True, highlight=False)
-    loaded = load_target(model)
+    loaded = load_target(model, _placement_override(cfg))
     for k in counts:
         label = f"{prefix}-{k}shot"
         with _progress(quiet) as progress:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: Every field a data record may have (the data layer reads these; data.columns maps onto them).
 RECORD_FIELDS = ("instruction", "input", "output", "system", "history", "messages", "prompt",
                  "chosen", "rejected", "kto_tag", "text")  # fmt: skip
 

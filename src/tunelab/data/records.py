@@ -24,6 +24,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from tunelab.config.schema import RECORD_FIELDS
 from tunelab.data.read import Row, Source
 from tunelab.errors import DataError, Problem
 
@@ -36,10 +37,7 @@ FORMAT_FIELDS = {
     "kto": "instruction, output, kto_tag [, input, system]",
     "text": "text",
 }
-KNOWN_FIELDS = {
-    "instruction", "input", "output", "system", "history", "messages", "prompt", "chosen",
-    "rejected", "kto_tag", "text",
-}  # fmt: skip
+KNOWN_FIELDS = set(RECORD_FIELDS)  # defined with the config, which validates data.columns
 ALIASES = {"question": "prompt", "positive_answer": "chosen", "negative_answer": "rejected"}
 
 
