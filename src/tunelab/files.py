@@ -132,12 +132,16 @@ def atomic_folder(path: str | Path, *, first_wins: bool = False) -> Iterator[Pat
         if first_wins and path.exists():
             return
         old = None
-        if path.exists():
+        if path.exists():  # moved aside, deleted only once the new folder is in place
             old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
             os.rename(path, old / path.name)
+            fsync_dir(path.parent)
         try:
             os.rename(tmp, path)
-        except OSError:
+        except BaseException:
+            if old is not None:  # put the old folder back
+                os.rename(old / path.name, path)
+                shutil.rmtree(old, ignore_errors=True)
             if not (first_wins and path.exists()):  # else: a concurrent writer won the race
                 raise
         fsync_dir(path.parent)

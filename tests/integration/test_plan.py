@@ -31,8 +31,9 @@ def test_dry_run_prints_the_plan_without_reading_weights(
             "train.micro_batch_size=2", "train.grad_accum=2", "train.epochs=2", "train.eval_steps=2"]  # fmt: skip
     assert main(["train", "--dry-run", *args]) == 0
     out = capsys.readouterr().out
-    for expected in ["new run", "lora (r=16", "objective      sft", "14 train / 2 validation",
-                     "4 per epoch, 8 in all", "every 2 steps", "final weights  best", "fingerprint"]:  # fmt: skip
+    for expected in ["new run", "(llama, 2 layers, hidden 64", "weights in float32, compute in float32",
+                     "lora (r=16", "objective      sft", "14 train / 2 validation", "4 per epoch, 8 in all",
+                     "every 2 steps", "final weights  best", "fingerprint"]:  # fmt: skip
         assert expected in out, (expected, out)
     assert not (tmp_path / "dry").exists()  # a dry run writes nothing
 

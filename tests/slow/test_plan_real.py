@@ -27,7 +27,8 @@ def test_dry_run_of_the_example_reads_no_weights(
     out = capsys.readouterr().out
     assert code == 0, out
     for expected in [
-        "smollm2-135m-instruct on cpu",
+        "smollm2-135m-instruct (llama, 30 layers, hidden 576",
+        "cpu (fp32)",
         "400 train / 50 validation",
         "50 in all",
         "every 10 steps",

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tunelab.files import atomic_write_bytes, fsync_dir, fsync_tree
+from tunelab.files import atomic_folder, atomic_write_bytes, fsync_dir
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 _SCRATCH_PREFIXES = (".tmp-", ".old-")
@@ -119,28 +119,11 @@ class CheckpointManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._clean_scratch()
         name = step_name(step)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.dir))
-        try:
-            write(tmp)
-            fsync_tree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
         final = self.dir / name
-        # A resumed run may save the same step again: move the old folder away, put the new
-        # one in place, then delete the old one.
-        old = self._move_away(final) if final.exists() else None
-        try:
-            os.rename(tmp, final)
-        except BaseException:
-            if old is not None:
-                os.rename(old / name, final)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(self.dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # A resumed run may save the same step again: atomic_folder moves the old folder away,
+        # puts the new one in place, then deletes the old one (or puts it back on failure).
+        with atomic_folder(final) as tmp:
+            write(tmp)
 
         self._write_pointer("latest", name)
         if metric is not None and self._is_better(metric, lower_is_better):

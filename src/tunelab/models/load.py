@@ -96,6 +96,32 @@ def load_model(
     return model, tok
 
 
+def load_model_config(name: str):
+    """The model's ``config.json`` as a transformers config (architecture, sizes): no weights."""
+    from transformers import AutoConfig
+
+    source = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 - hub and parsing errors come in many types
+        raise ModelError(f"{source}: cannot read the model's config ({first_line(e)})") from None
+
+
+def describe_config(config) -> str:
+    """'llama, 30 layers, hidden 576, vocab 49,152' from a transformers config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    parts = [config.model_type]
+    for label, key in (
+        ("layers", "num_hidden_layers"),
+        ("hidden", "hidden_size"),
+        ("vocab", "vocab_size"),
+    ):
+        value = getattr(text, key, None)
+        if isinstance(value, int):
+            parts.append(f"{value:,} {label}" if label == "layers" else f"{label} {value:,}")
+    return ", ".join(parts)
+
+
 def load_weights(
     name: str,
     *,

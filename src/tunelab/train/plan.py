@@ -22,7 +22,7 @@ from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import ConfigError, DataError, Problem, TunelabError
 from tunelab.files import file_sha256
 from tunelab.models.device import Placement, choose_placement
-from tunelab.models.load import model_fingerprint, resolve_model
+from tunelab.models.load import describe_config, load_model_config, model_fingerprint, resolve_model
 from tunelab.models.methods import Method, get_method
 from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
@@ -46,6 +46,7 @@ class RunPlan:
     run_dir: Path
     resume_from: Path | None  # the checkpoint to continue from; None: a new run
     placement: Placement
+    model_config: object  # the transformers config (config.json): architecture and sizes
     method: Method
     objective: Objective
     tokenizer: object
@@ -77,7 +78,10 @@ class RunPlan:
         lengths = sorted(len(x.seq) for x in self.train)
         rows = [
             ("run folder", f"{self.run_dir} ({start})"),
-            ("model", f"{c.model.name} on {self.placement.describe()}"),
+            ("model", f"{c.model.name} ({describe_config(self.model_config)})"),
+            ("device", f"{self.placement.describe()}: weights in "
+                       f"{str(self.placement.weight_dtype(self.method.trains_base)).removeprefix('torch.')}, "
+                       f"compute in {str(self.placement.autocast_dtype or 'torch.float32').removeprefix('torch.')}"),
             ("method", self.method.describe()),
             ("objective", self.objective.name),
             ("data", f"{len(self.train)} train / {len(self.val)} validation examples"
@@ -114,6 +118,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     objective.check_data(examples + (val_examples or []))
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
     checkpoint = resume_point(run_dir, fingerprint) if resume is not None else None
+    model_config = load_model_config(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
     train, val, dropped = _datasets(cfg, tokenizer, examples, val_examples)
     t = cfg.train
@@ -122,7 +127,8 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     total = steps.total_steps(t.epochs, t.max_steps)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
     return RunPlan(
-        cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement, method=method,
+        cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement,
+        model_config=model_config, method=method,
         objective=objective, tokenizer=tokenizer, train=train, val=val, dropped=dropped,
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
