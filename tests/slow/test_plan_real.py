@@ -34,3 +34,23 @@ def test_dry_run_of_the_example_reads_no_weights(
         "every 10 steps",
     ]:
         assert expected in out, out
+
+
+def test_the_quick_tokenizer_path_equals_auto_tokenizer_on_smollm2(pulled):
+    from transformers import AutoTokenizer
+
+    from tunelab.models.tokenizer import _generic_class, load_tokenizer
+
+    folder = catalog.hf_dir("smollm2-135m-instruct")
+    assert _generic_class(folder) is not None
+    quick, auto = load_tokenizer("smollm2-135m-instruct"), AutoTokenizer.from_pretrained(folder)
+    assert type(quick) is type(auto) and quick.get_vocab() == auto.get_vocab()
+    messages = [
+        {"role": "user", "content": "Héllo 🚀 <|im_end|>"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    assert quick.apply_chat_template(messages, tokenize=False) == auto.apply_chat_template(
+        messages, tokenize=False
+    )
+    texts = [(EXAMPLE.parent / "train.jsonl").read_text()[:5000], "x <|im_start|> y"]
+    assert quick(texts)["input_ids"] == auto(texts)["input_ids"]

@@ -96,27 +96,37 @@ def load_model(
     return model, tok
 
 
-def load_model_config(name: str):
-    """The model's ``config.json`` as a transformers config (architecture, sizes): no weights."""
+def load_model_config(name: str) -> dict:
+    """The model's ``config.json`` as a dict (architecture and sizes): no weights, and none of
+    transformers' model modules imported (a second saved on a dry run)."""
+    source = resolve_model(name)
+    if isinstance(source, Path):
+        path = source / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{path}: cannot read the model's config ({first_line(e)})") from None
+        if not isinstance(config, dict):
+            raise ModelError(f"{path}: expected a JSON object")
+        return config
     from transformers import AutoConfig
 
-    source = resolve_model(name)
     try:
-        return AutoConfig.from_pretrained(source)
-    except Exception as e:  # noqa: BLE001 - hub and parsing errors come in many types
+        return AutoConfig.from_pretrained(source).to_dict()
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
         raise ModelError(f"{source}: cannot read the model's config ({first_line(e)})") from None
 
 
-def describe_config(config) -> str:
-    """'llama, 30 layers, hidden 576, vocab 49,152' from a transformers config."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    parts = [config.model_type]
+def describe_config(config: dict) -> str:
+    """'llama, 30 layers, hidden 576, vocab 49,152' from a model's config.json."""
+    text = config.get("text_config") or config
+    parts = [str(config.get("model_type", "unknown type"))]
     for label, key in (
         ("layers", "num_hidden_layers"),
         ("hidden", "hidden_size"),
         ("vocab", "vocab_size"),
     ):
-        value = getattr(text, key, None)
+        value = text.get(key, config.get(key))
         if isinstance(value, int):
             parts.append(f"{value:,} {label}" if label == "layers" else f"{label} {value:,}")
     return ", ".join(parts)

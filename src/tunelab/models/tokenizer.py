@@ -10,6 +10,7 @@ pad = EOS.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -37,9 +38,12 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 
 def _from_pretrained(name: str, source: Path | str):
-    from transformers import AutoTokenizer
-
     try:
+        direct = _generic_class(source) if isinstance(source, Path) else None
+        if direct is not None:
+            return direct.from_pretrained(source)
+        from transformers import AutoTokenizer  # ~0.7 s of imports: only when needed
+
         return AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
         if isinstance(source, Path):
@@ -50,6 +54,40 @@ def _from_pretrained(name: str, source: Path | str):
             f"{name}: not a catalog model ({', '.join(catalog.CATALOG)}), not a local "
             f"folder or .gguf file, and the hub could not provide it ({first_line(e)})"
         ) from None
+
+
+#: Model types for which AutoTokenizer loads a ``TokenizersBackend`` tokenizer_config as that
+#: generic class (no model-specific tokenizer in transformers; tests/unit/test_tokenizer_parity.py
+#: checks this against the installed transformers).
+GENERIC_TOKENIZER_MODEL_TYPES = frozenset({"llama"})
+
+
+def _generic_class(folder: Path):
+    """The class ``AutoTokenizer`` would pick, without the ~1.5 s it spends importing its
+    mappings and the model's config class to decide — only where the answer is certain:
+    ``tokenizer_config.json`` names the generic ``TokenizersBackend``, without remote code or a
+    Mistral ``tekken.json``, for a model type in :data:`GENERIC_TOKENIZER_MODEL_TYPES`.
+    None: ask AutoTokenizer. (It keeps ``tunelab train --dry-run`` quick.)"""
+    try:
+        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    generic = (
+        isinstance(tok_cfg, dict)
+        and isinstance(config, dict)
+        and tok_cfg.get("tokenizer_class") == "TokenizersBackend"
+        and "auto_map" not in tok_cfg
+        and not (folder / "tekken.json").exists()
+        and config.get("model_type") in GENERIC_TOKENIZER_MODEL_TYPES
+    )
+    if not generic:
+        return None
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    return TokenizersBackend
 
 
 def _with_pad(tok):

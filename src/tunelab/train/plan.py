@@ -46,7 +46,7 @@ class RunPlan:
     run_dir: Path
     resume_from: Path | None  # the checkpoint to continue from; None: a new run
     placement: Placement
-    model_config: object  # the transformers config (config.json): architecture and sizes
+    model_config: dict  # the model's config.json: architecture and sizes
     method: Method
     objective: Objective
     tokenizer: object
