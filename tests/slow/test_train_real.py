@@ -21,7 +21,7 @@ def test_lora_on_the_real_default_model(tmp_path):
         EXAMPLES / "train.yaml",
         [f"data.path={four}", f"data.val_path={EXAMPLES / 'val.jsonl'}", f"train.output_dir={tmp_path}",
          "train.max_steps=4", "train.micro_batch_size=4", "train.grad_accum=1", "train.schedule=constant",
-         "train.warmup_steps=0", "train.eval_steps=4", "name=real"],
+         "train.warmup_steps=0", "train.eval_steps=4", "name=real", "eval.limit=8", "eval.max_new_tokens=48"],
     )  # fmt: skip
     run = run_training(cfg, log=lambda *a: None)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -32,6 +32,8 @@ def test_lora_on_the_real_default_model(tmp_path):
         assert (run / name).is_file(), name
     assert (run / "final" / "adapter_model.safetensors").is_file()
     assert (run / "checkpoints" / "latest").is_file()
+    for name in ("finetuned", "general-before", "general-after"):  # eval.at_end of the example
+        assert json.loads((run / "eval" / name / "metrics.json").read_text())["examples"] == 8, name
 
     from peft import PeftModel
 
