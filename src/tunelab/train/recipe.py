@@ -30,13 +30,6 @@ from tunelab.train.report import MetricsLog, plot_losses, write_summary
 from tunelab.train.state import Outcome, TrainState
 
 
-def run_plan(plan: RunPlan, *, progress=None, log=print) -> Run:
-    """The whole recipe without evaluation: prepare, train, finish; returns the finished run."""
-    run = prepare(plan, progress=progress, log=log)
-    finish(run, train(run, log))
-    return run
-
-
 def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
     started = time.perf_counter()
     model = load(plan)
@@ -172,5 +165,3 @@ def _peak_memory(device: torch.device) -> dict:
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
-
-__all__ = ["finish", "prepare", "run_plan", "train"]
