@@ -164,4 +164,3 @@ def _peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
-
