@@ -9,6 +9,9 @@ Layout (``run_dir/checkpoints/``)::
     best.json           {"step": 100, "metric": 1.23}: the source of truth for "best"
     .tmp-*              work in progress or left by a killed process: ignored, cleaned on save
 
+Every step folder holds ``manifest.json`` (each file's size and SHA-256), written last inside
+the temporary folder; :func:`verify` checks a folder against it before a resume trusts it.
+
 A checkpoint is written into a temporary folder, every file and the folder are fsync'd, and
 only then is the folder renamed to ``step-NNNNNN``. A rename within one file system is atomic,
 so a ``step-*`` folder is always complete and a crash leaves at worst a ``.tmp-*`` folder that
@@ -27,7 +30,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tunelab.files import atomic_folder, atomic_write_bytes, fsync_dir
+from tunelab.files import atomic_folder, atomic_write_bytes, file_sha256, fsync_dir
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 _SCRATCH_PREFIXES = (".tmp-", ".old-")
@@ -36,6 +39,41 @@ _SCRATCH_PREFIXES = (".tmp-", ".old-")
 def step_name(step: int) -> str:
     """The folder name of a step's checkpoint: ``step-000012``."""
     return f"step-{step:06d}"
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: every file of a checkpoint with its size and SHA-256."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in files
+    }
+    (Path(folder) / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a missing, truncated or altered file, or no
+    manifest), or None when every file matches its manifest."""
+    folder = Path(folder)
+    try:
+        entries = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        items = [(name, int(e["size"]), str(e["sha256"])) for name, e in entries.items()]
+    except OSError:
+        return f"{folder / MANIFEST}: missing (the checkpoint cannot be verified)"
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"{folder / MANIFEST}: not a valid manifest"
+    for name, size, sha in items:
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size:,} bytes, the manifest says {size:,} (truncated?)"
+        if file_sha256(path) != sha:
+            return f"{path}: its content does not match the manifest's checksum (damaged)"
+    return None
 
 
 def _remove(path: Path) -> None:
@@ -91,6 +129,13 @@ class CheckpointManager:
         record = self._best_record()
         return None if record is None else float(record["metric"])
 
+    def newest_first(self) -> list[Path]:
+        """Every complete checkpoint folder, the one ``latest`` names first, then by step,
+        newest first (the order a resume tries them in)."""
+        folders = self.list()[::-1]
+        latest = self.latest()
+        return ([latest] if latest else []) + [f for f in folders if f != latest]
+
     @staticmethod
     def step_of(folder: Path) -> int:
         """The step a checkpoint folder holds: ``step-000012`` -> 12."""
@@ -124,6 +169,7 @@ class CheckpointManager:
         # puts the new one in place, then deletes the old one (or puts it back on failure).
         with atomic_folder(final) as tmp:
             write(tmp)
+            write_manifest(tmp)
 
         self._write_pointer("latest", name)
         if metric is not None and self._is_better(metric, lower_is_better):

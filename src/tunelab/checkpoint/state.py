@@ -121,7 +121,7 @@ def load_state(
     Create the scheduler before calling this (its constructor sets the optimizer's learning
     rate; the saved optimizer and scheduler state then put back the saved one)."""
     folder = Path(folder)
-    trainer_state = _read_trainer_state(folder / TRAINER_STATE_FILE)
+    trainer_state = read_trainer_state(folder / TRAINER_STATE_FILE)
     optimizer_state = _load_pt(folder / OPTIMIZER_FILE)
     scheduler_state = _load_pt(folder / SCHEDULER_FILE) if scheduler is not None else None
     scaler_state = _load_pt(folder / SCALER_FILE) if scaler is not None else None
@@ -146,7 +146,7 @@ def _load_pt(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot be read ({first_line})") from e
 
 
-def _read_trainer_state(path: Path) -> dict:
+def read_trainer_state(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
     try:

@@ -18,17 +18,28 @@ def finite(*values: float) -> bool:
 
 
 def out_of_memory_message(cfg, method, where: str) -> str:
-    """What to change after running out of memory: the common remedies, then the method's own."""
+    """What to change after running out of memory: the common remedies, then the method's own.
+    While the weights load, only what shrinks the weights helps."""
     t, m = cfg.train, cfg.model
-    tips = [
-        f"a smaller micro-batch (train.micro_batch_size={max(1, t.micro_batch_size // 2)}, "
-        f"train.grad_accum={t.grad_accum * 2} keeps the same effective batch)",
-        f"shorter sequences (data.max_seq_len={max(64, cfg.data.max_seq_len // 2)})",
-    ]
-    if not m.gradient_checkpointing:
-        tips.append("gradient checkpointing (model.gradient_checkpointing=true, ~20% slower)")
+    tips = []
+    if where != "model load":
+        tips += [
+            f"a smaller micro-batch (train.micro_batch_size={max(1, t.micro_batch_size // 2)}, "
+            f"train.grad_accum={t.grad_accum * 2} keeps the same effective batch)",
+            f"shorter sequences (data.max_seq_len={max(64, cfg.data.max_seq_len // 2)})",
+        ]
+        if not m.gradient_checkpointing:
+            tips.append("gradient checkpointing (model.gradient_checkpointing=true, ~20% slower)")
+    elif m.precision in ("auto", "fp32") and not method.trains_base:
+        tips.append("a half-precision base (model.precision=bf16)")
     tips += method.memory_advice()
-    return f"out of memory during {where}. Try: " + "; ".join(tips) + "."
+    if where == "model load":
+        tips.append("a smaller model")
+    return (
+        f"out of memory during {where}. Try: "
+        + "; ".join(tips)
+        + ". The last checkpoint is intact."
+    )
 
 
 def is_oom(error: BaseException) -> bool:

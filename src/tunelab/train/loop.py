@@ -64,7 +64,7 @@ class Run:
 
 def train_loop(run: Run) -> Outcome:
     plan, state = run.plan, run.state
-    started, tokens, last_loss, stop = time.perf_counter(), 0, None, False
+    started, tokens, last_loss, stop, first = time.perf_counter(), 0, None, False, state.step
     run.model.train()
     plan.method.on_step(run.model, state.step)
     if plan.cfg.train.eval_at_start and plan.val and state.step == 0:
@@ -79,7 +79,7 @@ def train_loop(run: Run) -> Outcome:
         eval_loss, improved, stop = evaluate_due(run)
         checkpoint_due(run, eval_loss, improved, stop)
     seconds = time.perf_counter() - started
-    return Outcome(state.step, last_loss, stop, seconds, tokens)
+    return Outcome(state.step, last_loss, stop, seconds, tokens, state.step - first)
 
 
 def optimizer_step(run: Run) -> dict:
@@ -102,7 +102,7 @@ def optimizer_step(run: Run) -> dict:
     lr = run.schedule.apply(run.optimizer, step)
     ok = finite(loss, grad_norm)
     if ok:
-        _step(run)
+        _step(run, step)
     run.optimizer.zero_grad(set_to_none=True)
     state.step = step + 1
     tokens = sum(b.num_tokens for b in batches)
@@ -145,12 +145,26 @@ def _clip(run: Run) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
 
-def _step(run: Run) -> None:
-    if run.scaler:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
+def _step(run: Run, step: int) -> None:
+    """The update. Frozen parameters lose any gradient first (a zero one would still let
+    AdamW's weight decay move them); the first step allocates AdamW's state, a common OOM."""
+    for group in run.optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                p.grad = None
+    try:
+        if run.scaler:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+    except Exception as e:
+        if is_oom(e):
+            where = f"the optimizer update of step {step + 1}"
+            raise TrainingStopped(
+                out_of_memory_message(run.plan.cfg, run.plan.method, where)
+            ) from None
+        raise
 
 
 def guard(run: Run, record: dict) -> None:

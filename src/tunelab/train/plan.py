@@ -7,13 +7,17 @@ any weight is read; :mod:`tunelab.train.recipe` then executes the plan.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.checkpoint.manager import CheckpointManager
-from tunelab.checkpoint.state import TRAINER_STATE_FILE, fingerprint_diff
+from tunelab.checkpoint.manager import CheckpointManager, verify
+from tunelab.checkpoint.state import (
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    fingerprint_diff,
+    read_trainer_state,
+)
 from tunelab.config.load import load_config
 from tunelab.config.schema import Config
 from tunelab.data.pipeline import load_examples, tokenize_examples
@@ -60,6 +64,7 @@ class RunPlan:
     warmup_steps: int
     keep: str  # best | last: which weights final/ holds
     fingerprint: dict
+    notes: list[str] = field(default_factory=list)  # resume decisions worth telling the user
 
     @property
     def fresh(self) -> bool:
@@ -99,6 +104,7 @@ class RunPlan:
             ("fingerprint", ", ".join(f"{k}={v}" for k, v in self.fingerprint.items()
                                       if k in ("model", "data.path", "data.val_path"))),
         ]  # fmt: skip
+        rows += [("resume", note) for note in self.notes]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -117,7 +123,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     val_examples = load_examples(cfg.data.val_path, cfg.data) if cfg.data.val_path else None
     objective.check_data(examples + (val_examples or []))
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
-    checkpoint = resume_point(run_dir, fingerprint) if resume is not None else None
+    checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
     model_config = load_model_config(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
     train, val, dropped = _datasets(cfg, tokenizer, examples, val_examples)
@@ -132,6 +138,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         objective=objective, tokenizer=tokenizer, train=train, val=val, dropped=dropped,
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
+        notes=notes,
     )  # fmt: skip
 
 
@@ -175,21 +182,43 @@ def run_fingerprint(cfg: Config, *, read_weights: bool = True) -> dict:
     return fp
 
 
-def resume_point(run_dir: Path, fingerprint: dict) -> Path:
-    """The checkpoint to resume from — refused when there is none or it was trained with other
-    settings (each difference listed)."""
-    checkpoint = CheckpointManager(run_dir).latest()
-    if checkpoint is None:
-        raise ResumeError(
-            f"{run_dir}: no complete checkpoint to resume from (refusing to start afresh)"
-        )
-    saved = json.loads((checkpoint / TRAINER_STATE_FILE).read_text()).get("fingerprint", {})
-    diff = fingerprint_diff(saved, fingerprint)
-    if diff:
-        raise ResumeError(
-            f"cannot resume {run_dir}: it was trained with other settings:\n  " + "\n  ".join(diff)
-        )
-    return checkpoint
+def resume_point(run_dir: Path, fingerprint: dict) -> tuple[Path | None, list[str]]:
+    """(the checkpoint to resume from, what was decided on the way).
+
+    The newest checkpoint whose files match their manifest is used; damaged ones are named
+    and skipped. A run that died before its first checkpoint has nothing to lose: it starts
+    from step 0 (None). A fingerprint that differs, or checkpoints that are all damaged, are
+    refused — never a silent fresh start."""
+    manager = CheckpointManager(run_dir)
+    candidates = manager.newest_first()
+    if not candidates:
+        return None, [f"{run_dir} has no checkpoint yet (the run stopped before its first): "
+                      "starting it from step 0"]  # fmt: skip
+    notes = []
+    for checkpoint in candidates:
+        problem = verify(checkpoint)
+        if problem is None:
+            try:
+                saved = read_trainer_state(checkpoint / TRAINER_STATE_FILE)
+            except CheckpointError as e:
+                problem = str(e)
+        if problem is not None:
+            notes.append(f"{checkpoint.name} is damaged: {problem}")
+            continue
+        diff = fingerprint_diff(saved.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise ResumeError(
+                f"cannot resume {run_dir}: it was trained with other settings:\n  "
+                + "\n  ".join(diff)
+            )
+        if notes:
+            notes.append(f"resuming from {checkpoint.name}, the newest checkpoint that is intact")
+        return checkpoint, notes
+    raise ResumeError(
+        f"{run_dir}: no intact checkpoint to resume from (refusing to start afresh):\n  "
+        + "\n  ".join(notes)
+        + f"\nTo start over, train into a new folder (name=...) or delete {run_dir}."
+    )
 
 
 def _check_files(cfg: Config) -> None:

@@ -23,6 +23,7 @@ from tunelab.config.load import dump_config
 from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
+from tunelab.train.guards import TrainingStopped, is_oom, out_of_memory_message
 from tunelab.train.loop import TRAINED_FOLDER, Run, train_loop
 from tunelab.train.optim import Schedule, build_optimizer
 from tunelab.train.plan import RunPlan
@@ -49,7 +50,9 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
         metrics=MetricsLog(plan.run_dir / "metrics.jsonl"), checkpoints=CheckpointManager(plan.run_dir, t.keep_last),
         progress=progress, started=started,
     )  # fmt: skip
-    if not plan.fresh:
+    if plan.fresh:  # a run that died before its first checkpoint logged steps nobody keeps
+        run.metrics.truncate_after(-1)
+    else:
         restore(run, log)
     announce(run, log)
     return run
@@ -59,10 +62,17 @@ def load(plan: RunPlan) -> torch.nn.Module:
     """The model's weights, on the plan's device in the method's dtype."""
     torch.manual_seed(plan.cfg.train.seed)
     placement = plan.placement
-    model = load_weights(
-        plan.cfg.model.name, dtype=placement.weight_dtype(plan.method.trains_base),
-        device=str(placement.device), quantize_bits=plan.method.quantize_bits,
-    )  # fmt: skip
+    try:
+        model = load_weights(
+            plan.cfg.model.name, dtype=placement.weight_dtype(plan.method.trains_base),
+            device=str(placement.device), quantize_bits=plan.method.quantize_bits,
+        )  # fmt: skip
+    except Exception as e:
+        if is_oom(e):
+            raise TrainingStopped(
+                out_of_memory_message(plan.cfg, plan.method, "model load")
+            ) from None
+        raise
     if plan.cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -87,6 +97,8 @@ def announce(run: Run, log=print) -> None:
     trainable, total = count_parameters(run.model)
     dropped = sum(plan.dropped.values())
     t = plan.cfg.train
+    for note in plan.notes:
+        log(note)
     log(
         f"run folder: {plan.run_dir}\n"
         f"model {plan.cfg.model.name} on {plan.placement.describe()}, method {plan.method.describe()}: "
@@ -145,7 +157,9 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "objective": plan.objective.name,
         "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
         "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
-        "steps": state.step, "seconds": round(outcome.seconds, 1),
+        "steps": state.step, "steps_run": outcome.steps_run,
+        "resumed_from": None if plan.fresh else CheckpointManager.step_of(plan.resume_from),
+        "seconds": round(outcome.seconds, 1),
         "wall_seconds": round(time.perf_counter() - run.started, 1), "tokens": state.tokens,
         "tokens_per_s": round(outcome.tokens / outcome.seconds, 1) if outcome.seconds else None,
         "final_train_loss": outcome.train_loss, "initial_eval_loss": state.initial_eval_loss,

@@ -222,8 +222,10 @@ def _setup(out: _Lines) -> None:
     add("Data", _count(pick("train_records", "train_examples"), "train records"),
         _count(pick("val_records", "val_examples"), "validation records"),
         _count(pick("train_tokens", "tokens"), "tokens"))  # fmt: skip
+    resumed, ran = pick("resumed_from"), pick("steps_run")
     add("Progress", _count(pick("steps"), "steps"), _count(pick("epochs"), "epochs"),
-        pick("stopped_early") and "stopped early")  # fmt: skip
+        pick("stopped_early") and "stopped early",
+        resumed is not None and f"resumed from step {resumed}, {ran} steps in the last process")  # fmt: skip
     add("Time", _duration(pick("elapsed_s", "seconds")),
         _duration(pick("wall_seconds")) and f"{_duration(info['wall_seconds'])} in all",
         _count(pick("tokens_per_s"), "tokens/s"))  # fmt: skip

@@ -49,3 +49,4 @@ class Outcome:
     stopped_early: bool
     seconds: float  # in the loop, this process
     tokens: int  # trained on in this process
+    steps_run: int  # optimizer steps this process ran (a resume runs only the missing ones)
