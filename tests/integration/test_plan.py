@@ -131,3 +131,24 @@ def test_extending_a_finished_run_recomputes_the_schedule(tmp_path, model_dir, d
     schedule = Schedule(load_config(run / "config.yaml").train, 8)
     assert all(lr > 0 for _, lr in logged)
     assert [lr for _, lr in logged[4:]] == pytest.approx([schedule.lr(s) for s in range(4, 8)])
+
+
+@pytest.mark.parametrize("policy, said", [("drop", "2 dropped"), ("truncate", "2 truncated")])
+def test_the_truncation_policy_is_reported(tmp_path, model_dir, policy, said, capsys):
+    rows = [{"instruction": f"Say {i}", "output": f"{i}"} for i in range(8)]
+    rows += [{"instruction": "Repeat the word", "output": "word " * 200} for _ in range(2)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    settings = [f"model.name={model_dir}", f"data.path={data}", f"train.output_dir={tmp_path}", "name=t",
+                "data.val_ratio=0", "data.max_seq_len=64", f"data.truncation={policy}",
+                "train.micro_batch_size=2", "train.max_steps=1"]  # fmt: skip
+    assert main(["train", "--dry-run", *settings]) == 0
+    out = capsys.readouterr().out
+    assert said in out and ("max_seq_len 64" in out or "to 64 tokens" in out), out
+    lines = []
+    run = finetune(load_config(None, settings), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any(said in line for line in lines), lines
+    assert said in (run / "summary.md").read_text()
+    assert json.loads((run / "result.json").read_text())["truncated"] == (
+        2 if policy == "truncate" else 0
+    )

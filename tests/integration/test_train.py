@@ -374,7 +374,8 @@ def test_bad_data_fails_before_loading_the_model(tmp_path, capsys):
     assert code == 2 and f"{bad}:1: output: missing" in err
 
 
-def test_too_few_examples_for_a_batch(tmp_path, model_dir, data_file, capsys):
+def test_too_few_examples_for_a_batch(tmp_path, model_dir, data_file, capsys, no_weights_read):
+    """Refused while planning: no weight is read first."""
     code = main(
         ["train", "-q", *_args(tmp_path, model_dir, data_file), "train.micro_batch_size=64"]
     )

@@ -56,7 +56,8 @@ class RunPlan:
     tokenizer: object
     train: list[TokenizedExample]
     val: list[TokenizedExample]  # weights: 1 on reply tokens, 0 elsewhere
-    dropped: dict[str, int]  # examples dropped by the truncation policy, by reason
+    dropped: dict[str, int]  # training examples dropped by the truncation policy, by reason
+    truncated: int  # training examples shortened by the truncation policy
     steps: StepPlan
     total_steps: int
     eval_steps: int
@@ -70,6 +71,17 @@ class RunPlan:
     def fresh(self) -> bool:
         return self.resume_from is None
 
+    def truncation(self) -> str:
+        """What data.truncation did to the training examples, in words ("" when nothing)."""
+        limit, policy = self.cfg.data.max_seq_len, self.cfg.data.truncation
+        parts = (
+            [f"{self.truncated} truncated to {limit} tokens (data.truncation={policy})"]
+            if self.truncated
+            else []
+        )
+        parts += [f"{n} dropped: {reason}" for reason, n in sorted(self.dropped.items()) if n]
+        return "; ".join(parts)
+
     @property
     def train_tokens(self) -> int:
         return sum(len(t.seq) for t in self.train)
@@ -77,7 +89,6 @@ class RunPlan:
     def describe(self) -> str:
         """The plan as a person reads it (``tunelab train --dry-run``)."""
         c, t = self.cfg, self.cfg.train
-        dropped = sum(self.dropped.values())
         start = ("new run" if self.fresh
                  else f"resume from {self.resume_from.name} (fingerprint matches)")  # fmt: skip
         lengths = sorted(len(x.seq) for x in self.train)
@@ -90,7 +101,7 @@ class RunPlan:
             ("method", self.method.describe()),
             ("objective", self.objective.name),
             ("data", f"{len(self.train)} train / {len(self.val)} validation examples"
-                     + (f" ({dropped} dropped: {self.dropped})" if dropped else "")),
+                     + (f" ({self.truncation()})" if self.truncation() else "")),
             ("tokens", f"{self.train_tokens:,} train (median {lengths[len(lengths) // 2]}, max "
                        f"{lengths[-1]}, limit {c.data.max_seq_len}), "
                        f"{sum(len(x.seq) for x in self.val):,} validation"),
@@ -126,7 +137,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
     model_config = load_model_config(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
-    train, val, dropped = _datasets(cfg, tokenizer, examples, val_examples)
+    train, val, dropped, truncated = _datasets(cfg, tokenizer, examples, val_examples)
     t = cfg.train
     steps = StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
                      grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
@@ -136,6 +147,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement,
         model_config=model_config, method=method,
         objective=objective, tokenizer=tokenizer, train=train, val=val, dropped=dropped,
+        truncated=truncated,
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes,
@@ -247,7 +259,7 @@ def _datasets(cfg: Config, tokenizer, examples, val_examples):
                     f"{len(report.examples)} usable training examples, fewer than one micro-batch "
                     f"(train.micro_batch_size={cfg.train.micro_batch_size})")
         )  # fmt: skip
-    return report.examples, val, dict(report.dropped)
+    return report.examples, val, dict(report.dropped), report.truncated
 
 
 def _keep(cfg: Config, val: list) -> str:

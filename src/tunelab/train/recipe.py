@@ -95,7 +95,6 @@ def restore(run: Run, log=print) -> None:
 def announce(run: Run, log=print) -> None:
     plan = run.plan
     trainable, total = count_parameters(run.model)
-    dropped = sum(plan.dropped.values())
     t = plan.cfg.train
     for note in plan.notes:
         log(note)
@@ -104,7 +103,7 @@ def announce(run: Run, log=print) -> None:
         f"model {plan.cfg.model.name} on {plan.placement.describe()}, method {plan.method.describe()}: "
         f"{trainable:,} of {total:,} parameters trained\n"
         f"data: {len(plan.train)} train / {len(plan.val)} val examples"
-        + (f" ({dropped} dropped: {plan.dropped})" if dropped else "")
+        + (f" ({plan.truncation()})" if plan.truncation() else "")
         + f"; {plan.total_steps} steps of {t.micro_batch_size} x {t.grad_accum}, eval every {plan.eval_steps}"
     )
 
@@ -157,6 +156,7 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "objective": plan.objective.name,
         "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
         "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
+        "truncated": plan.truncated, "truncation": plan.truncation() or None,
         "steps": state.step, "steps_run": outcome.steps_run,
         "resumed_from": None if plan.fresh else CheckpointManager.step_of(plan.resume_from),
         "seconds": round(outcome.seconds, 1),

@@ -221,7 +221,8 @@ def _setup(out: _Lines) -> None:
     add("Training settings", _settings(pick("train"), _TRAIN_FIELDS))
     add("Data", _count(pick("train_records", "train_examples"), "train records"),
         _count(pick("val_records", "val_examples"), "validation records"),
-        _count(pick("train_tokens", "tokens"), "tokens"))  # fmt: skip
+        _count(pick("train_tokens", "tokens"), "tokens"), pick("truncation"))  # fmt: skip
+    out.used.update(("truncated", "dropped") if "truncation" in info else ())
     resumed, ran = pick("resumed_from"), pick("steps_run")
     add("Progress", _count(pick("steps"), "steps"), _count(pick("epochs"), "epochs"),
         pick("stopped_early") and "stopped early",
