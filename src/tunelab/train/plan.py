@@ -133,11 +133,12 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     examples = load_examples(cfg.data.path, cfg.data)
     val_examples = load_examples(cfg.data.val_path, cfg.data) if cfg.data.val_path else None
     objective.check_data(examples + (val_examples or []))
-    fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
-    checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
     model_config = load_model_config(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
     train, val, dropped, truncated = _datasets(cfg, tokenizer, examples, val_examples)
+    # every data check is done: only now are the weights hashed (to fingerprint the run)
+    fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
+    checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
     t = cfg.train
     steps = StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
                      grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
