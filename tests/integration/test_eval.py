@@ -1,6 +1,7 @@
 """Generation, the eval / baseline / compare commands, and evaluation at the end of training."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -275,6 +276,159 @@ def test_baseline_train_eval_compare_end_to_end(tmp_path, model_dir, capsys):
     assert (tmp_path / "cmp" / "rating_sheet.csv").is_file()
 
 
+FLAKY_METRIC = """
+def some(prediction, reference, record):
+    if record["index"] in (1, 3):
+        raise KeyError("no field " + str(record["index"]))
+    return 1.0
+
+
+def never(prediction, reference, record):
+    raise ValueError("broken on purpose")
+"""
+
+
+def test_a_failing_metric_is_reported_and_one_that_never_ran_fails_eval(tmp_path, model_dir, capsys):  # fmt: skip
+    data = write_jsonl(tmp_path / "test.jsonl", 6)
+    (tmp_path / "m.py").write_text(FLAKY_METRIC)
+
+    def evaluate(fn):
+        code = main(["eval", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ev"), "--name", fn,
+                     "--metric", f"{tmp_path / 'm.py'}:{fn}", "eval.max_new_tokens=2", "-q"])  # fmt: skip
+        return code, capsys.readouterr().err
+
+    code, err = evaluate("some")  # some failed: told, not an error
+    assert code == 0, err
+    assert f"some: your metric {tmp_path / 'm.py'}:some failed on 2 of 6 examples" in err
+    assert "#1 (" in err and "KeyError: 'no field 1'" in err and "KeyError: 'no field 3'" in err
+    code, err = evaluate("never")  # every one failed: the function is broken
+    assert code == 2 and "Traceback" not in err
+    assert "never: your metric" in err and "failed on 6 of 6 examples" in err
+    assert "ValueError: broken on purpose" in err and "... and 3 more" in err
+    assert "error: eval.metric" in err and "failed on every example (6 of 6)" in err
+    folder = tmp_path / "ev" / "never"
+    assert f"written to {folder}" in err
+    meta = json.loads((folder / "metrics.json").read_text())  # written first, to be inspected
+    assert meta["metrics"]["task"] is None and meta["metrics"]["task_failed"] == 6
+    assert len((folder / "predictions.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_metric_that_never_ran_stops_baseline_after_writing_that_evaluation(tmp_path, model_dir, capsys):  # fmt: skip
+    train = write_jsonl(tmp_path / "train.jsonl", 8)
+    test = write_jsonl(tmp_path / "test.jsonl", 4, start=100)
+    (tmp_path / "m.py").write_text(FLAKY_METRIC)
+
+    def baseline(fn):
+        out = tmp_path / fn
+        code = main(["baseline", "--model", str(model_dir), "--data", str(test), "--train", str(train),
+                     "--shots", "0,1", "--out", str(out), "--metric", f"{tmp_path / 'm.py'}:{fn}",
+                     "eval.max_new_tokens=2", "-q"])  # fmt: skip
+        return code, capsys.readouterr().err, sorted(p.name for p in out.iterdir())
+
+    code, err, written = baseline("some")
+    assert code == 0, err
+    assert written == ["base-0shot", "base-1shot"]
+    assert "base-0shot: your metric" in err and "base-1shot: your metric" in err
+    assert err.count("failed on 2 of 4 examples") == 2 and "KeyError: 'no field 3'" in err
+    code, err, written = baseline("never")
+    assert code == 2 and "failed on every example (4 of 4)" in err and "Traceback" not in err
+    assert written == ["base-0shot"]  # written, then stopped before the 1-shot evaluation
+
+
+def test_prompt_hash_is_the_examples_own_turns_before_the_reply():
+    from tunelab.evaluate.run import prompt_hash
+
+    base = prompt_hash(chat("the question", "the answer", system="be brief"))
+    assert prompt_hash(chat("the question", "another answer", system="be brief")) == base
+    assert prompt_hash(chat("the question", "the answer", system="be long")) != base
+    assert prompt_hash(chat("the question", "the answer")) != base
+    assert prompt_hash(chat("another question", "the answer", system="be brief")) != base
+
+
+def test_compare_aligns_one_test_file_named_relative_and_absolute(tmp_path, model_dir, capsys, monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "test.jsonl", 5)
+    for name, path in (("rel", "test.jsonl"), ("abs", str(data))):
+        code = main(["eval", str(model_dir), "--data", path, "--out", "ev", "--name", name,
+                     "eval.max_new_tokens=2", "-q"])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+    hashes = [
+        [json.loads(x)["prompt_hash"] for x in (tmp_path / "ev" / n / "predictions.jsonl").read_text().splitlines()]
+        for n in ("rel", "abs")
+    ]  # fmt: skip
+    assert hashes[0] == hashes[1] and len(set(hashes[0])) == 5
+    assert all(re.fullmatch(r"[0-9a-f]{16}", h) for h in hashes[0])
+    code = main(["compare", "ev/rel", str(tmp_path / "ev" / "abs")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert re.search(r"^exact_match\s+5\s", out, re.MULTILINE)
+    assert "different data files" not in out and "left out" not in out
+    assert "# Comparison: 2 evaluations, 5 common examples" in (tmp_path / "ev" / "compare.md").read_text()  # fmt: skip
+
+
+def test_compare_refuses_evaluations_whose_references_differ(tmp_path, model_dir, capsys):
+    data = write_jsonl(tmp_path / "test.jsonl", 4)
+    out = tmp_path / "ev"
+
+    def evaluate(name):
+        code = main(["eval", str(model_dir), "--data", str(data), "--out", str(out), "--name", name,
+                     "eval.max_new_tokens=2", "-q"])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+
+    evaluate("before")
+    lines = data.read_text().splitlines()  # the test file is corrected in between: line 3
+    row = json.loads(lines[2])
+    row["messages"][1]["content"] = '{"item": 22}'
+    data.write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]]) + "\n")
+    evaluate("after")
+    code = main(["compare", str(out / "before"), str(out / "after")])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err and captured.out == ""
+    err = " ".join(captured.err.split())
+    assert f"{out / 'after'}: 1 of the 4 examples it shares with the baseline before ({out / 'before'})" in err  # fmt: skip
+    assert (
+        f"e.g. {data}:3" in err and """before has '{"item": 2}', after has '{"item": 22}'""" in err
+    )
+    assert "--allow-different-references" in err
+    assert not (out / "compare.md").exists()
+    code = main(["compare", str(out / "before"), str(out / "after"), "--allow-different-references"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "1 common examples have different references in different evaluations" in captured.out
+    assert "test files differ in content" in captured.out
+
+
+@pytest.mark.parametrize("target", ["runs/missing", "./x", "runs/missing/"])
+def test_eval_of_a_missing_path_fails_at_once_without_the_hub(target, tmp_path, capsys, monkeypatch):  # fmt: skip
+    def hub(endpoint):
+        raise AssertionError("a path was looked up on the hub")
+
+    monkeypatch.setattr("tunelab.models.load._hub_unreachable", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    data = write_jsonl(tmp_path / "test.jsonl", 2)
+    code = main(["eval", target, "--data", str(data), "-q"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err
+    assert f"error: {target}: not found: no such folder or file" in err
+    assert "catalog models: smollm2-135m-instruct" in err
+
+
+def test_eval_of_a_hub_id_with_the_hub_unreachable_is_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("tunelab.models.load._hub_unreachable", lambda e: "huggingface.co cannot be reached: no network")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "test.jsonl", 2)
+    code = main(["eval", "someone/some-model", "--data", str(data), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: someone/some-model: not a catalog model")
+    assert "(huggingface.co cannot be reached: no network, and no cached copy)" in err
+
+
 def test_http_judge_end_to_end(tmp_path, model_dir, capsys):
     from tests.fakes.openai_server import serve
 
@@ -345,3 +499,22 @@ def test_evaluation_honours_model_precision(tmp_path, model_dir, monkeypatch):
     loaded = load_target(str(model_dir), ModelConfig(precision="bf16"))
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     assert next(load_target(str(model_dir)).model.parameters()).dtype == torch.float32
+
+
+def test_a_metric_that_never_ran_fails_training_at_the_end_after_writing(
+    tmp_path, model_dir, capsys
+):
+    """eval.at_end tells metric failures like `tunelab eval` does; a metric that failed on every
+    example is an error (exit 2) once the run folder and the evaluation are complete."""
+    train = write_jsonl(tmp_path / "train.jsonl", 8)
+    test = write_jsonl(tmp_path / "test.jsonl", 3, start=100)
+    (tmp_path / "m.py").write_text(FLAKY_METRIC)
+    code = main(["train", "-q", f"model.name={model_dir}", f"data.path={train}", "data.val_ratio=0",
+                 f"train.output_dir={tmp_path}", "name=r", "train.max_steps=1", "train.micro_batch_size=2",
+                 f"eval.data={test}", "eval.at_end=true", f"eval.metric={tmp_path / 'm.py'}:never",
+                 "eval.max_new_tokens=2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "finetuned: your metric" in err and "failed on every example (3 of 3)" in err
+    run = tmp_path / "r"
+    assert (run / "final").is_dir() and (run / "eval" / "finetuned" / "metrics.json").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,10 +166,11 @@ def three_runs(tmp_path):
         return _record(i, "R" if ok else f"wrong {i}", exact_match=float(ok), **more)
 
     base = [right(i, ok, rougeL=0.5) for i, ok in enumerate([1, 0, 0, 0, 1])]
-    base[1]["prompt"] = "<script>alert('x')</script> & more"
     base.append(right(9, 1, rougeL=1.0))  # only the baseline has example 9
     kshot = [right(i, ok, rougeL=0.6) for i, ok in enumerate([1, 1, 0, 0, 1])]
     tuned = [right(i, ok, rougeL=0.9, task=t) for i, (ok, t) in enumerate(zip([1, 1, 1, 0, 0], [1.0, 1.0, None, 0.0, 0.5], strict=True))]  # fmt: skip
+    for run in (base, kshot, tuned):  # one test file: the same prompt in every evaluation
+        run[1]["prompt"] = "<script>alert('x')</script> & more"
     tuned[1]["prediction"] = "</pre><img src=x onerror=alert(1)>"
     tuned.append(right(7, 0))  # only the fine-tune has example 7
     return [
@@ -241,9 +243,92 @@ def test_compare_errors(tmp_path, three_runs):
         compare(runs[:1])
     with pytest.raises(ConfigError, match="baseline_index 5"):
         compare(runs, baseline_index=5)
-    other = load_eval(_write_eval(tmp_path / "x", "other", [{**_record(0, "R"), "source": "other.jsonl:1"}]))  # fmt: skip
+    other = load_eval(_write_eval(tmp_path / "x", "other", [{**_record(0, "R"), "prompt": "another question"}]))  # fmt: skip
     with pytest.raises(DataError, match="no example in common"):
         compare([runs[0], other])
+
+
+def test_the_same_test_file_aligns_however_its_path_was_spelled(tmp_path):
+    """Examples align by content (prompt_hash, and an occurrence count for exact duplicates),
+    never by the path the command was given (relative here, absolute there)."""
+
+    def records(source, predictions):
+        out = []
+        for i, p in enumerate(predictions):
+            r = _record(i, p, reference=f"R{i}", exact_match=float(p == f"R{i}"))
+            r.update(source=f"{source}:{i + 1}", prompt="same question" if i in (1, 3) else f"q{i}")  # fmt: skip
+            r["prompt_hash"] = "dup" if i in (1, 3) else f"h{i}"
+            out.append(r)
+        return out
+
+    base = _write_eval(tmp_path, "base", records("data/test.jsonl", ["R0", "x", "x", "R3"]))
+    tuned = _write_eval(tmp_path, "tuned", records("/home/me/proj/data/test.jsonl", ["R0", "R1", "R2", "x"]))  # fmt: skip
+    c = compare([load_eval(base), load_eval(tuned)], resamples=100)
+    assert c.aligned == 4 and c.dropped == [0, 0] and c.notes == []
+    em = c.rows[0]
+    assert em.metric == "exact_match" and em.values == [0.5, 0.75]
+    # the duplicates (#1 and #3) paired in file order: #1 fixed, #3 broken
+    assert (em.deltas[1].wrong_to_right, em.deltas[1].right_to_wrong) == (2, 1)
+    assert [e.index for e in c.fixed] == [1, 2] and [e.index for e in c.broken] == [3]
+    assert c.broken[0].predictions == ["R3", "x"] and c.broken[0].reference == "R3"
+
+
+def test_older_files_fall_back_to_the_prompt_text_then_to_source_and_index(tmp_path):
+    def records(source, with_hash=True, with_prompt=True):
+        out = []
+        for i in range(3):
+            r = {**_record(i, "R", exact_match=1.0), "source": f"{source}:{i + 1}"}
+            if with_hash:
+                r["prompt_hash"] = f"h{i}"
+            if not with_prompt:
+                del r["prompt"]
+            out.append(r)
+        return out
+
+    new = load_eval(_write_eval(tmp_path, "new", records("/abs/test.jsonl")))
+    old = load_eval(_write_eval(tmp_path, "old", records("test.jsonl", with_hash=False)))
+    assert compare([new, old], resamples=10).aligned == 3  # by prompt text: no prompt_hash in old
+    oldest = load_eval(_write_eval(tmp_path, "oldest", records("test.jsonl", with_hash=False, with_prompt=False)))  # fmt: skip
+    assert compare([old, oldest], resamples=10).aligned == 3  # by (source, index)
+    with pytest.raises(DataError, match="no example in common"):
+        compare([new, oldest], resamples=10)  # the old key: the paths differ
+    bad = _write_eval(tmp_path, "bad", [{**_record(0, "R"), "prompt_hash": 12}])
+    with pytest.raises(DataError, match=r"predictions\.jsonl:1: 'prompt_hash' should be a string"):
+        load_eval(bad)
+
+
+def test_different_references_are_refused_unless_allowed(tmp_path, three_runs):
+    """The test file changed between two evaluations: the same question, another reference."""
+    runs = [load_eval(f) for f in three_runs]
+    changed = [{**r, "reference": "R2"} if r["index"] in (2, 4) else r for r in runs[2].records]
+    runs[2] = load_eval(_write_eval(tmp_path / "changed", "finetuned", changed))
+    with pytest.raises(DataError) as e:
+        compare(runs, resamples=10)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'changed' / 'finetuned'}: 2 of the 5 examples it shares with the baseline base-0shot ({three_runs[0]}) have a different reference")  # fmt: skip
+    assert "e.g. test.jsonl:3 ('question 2'): base-0shot has 'R', finetuned has 'R2'" in message
+    assert "--allow-different-references" in message and "base-3shot" not in message
+    c = compare(runs, resamples=10, allow_different_references=True)
+    assert c.aligned == 5
+    assert "2 common examples have different references in different evaluations" in c.notes
+
+
+def test_the_test_files_are_told_apart_by_content_not_by_path(tmp_path):
+    def run(name, data, sha):
+        folder = _write_eval(tmp_path, name, [_record(0, "R", exact_match=1.0)])
+        meta = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**meta, "data": data, "data_sha256": sha}))
+        return load_eval(folder)
+
+    a, b = run("a", "test.jsonl", "ab" * 32), run("b", "/abs/test.jsonl", "ab" * 32)
+    assert compare([a, b], resamples=10).notes == []
+    c = compare([a, run("c", "test.jsonl", "cd" * 32)], resamples=10)
+    assert c.notes == ["the evaluations' test files differ in content: a: test.jsonl (abababababab), c: test.jsonl (cdcdcdcdcdcd)"]  # fmt: skip
+    # older evaluations, without data_sha256: the paths, resolved against the current folder
+    here = str(Path("test.jsonl").resolve())
+    assert compare([run("d", "test.jsonl", None), run("e", here, None)], resamples=10).notes == []
+    c = compare([run("f", "test.jsonl", None), run("g", "other.jsonl", None)], resamples=10)
+    assert c.notes == ["the evaluations name different data files: other.jsonl, test.jsonl"]
 
 
 def test_same_names_are_told_apart(three_runs):

@@ -265,6 +265,48 @@ def test_a_user_metric_that_always_fails_gives_no_mean():
     assert summary["task"] is None and summary["task_failed"] == 1
 
 
+def test_metric_failures_are_told_and_a_metric_that_never_ran_is_an_error(tmp_path):
+    """What eval and baseline print (the count, the first 3 messages) and raise (every example
+    failed) from an evaluation's metrics.json."""
+    from tunelab.evaluate.run import check_metric_ran, metric_failure_lines
+
+    def meta(failing):
+        def metric(prediction, reference, record):
+            if record["index"] in failing:
+                raise KeyError(f"field {record['index']}")
+            return 1.0
+
+        records = [{"index": i, "source": f"t.jsonl:{i + 1}"} for i in range(5)]
+        _, summary = score_all(["a"] * 5, ["a"] * 5, records, names=["task"], user_metric=metric)  # fmt: skip
+        return {"name": "ft", "examples": 5, "metric": "m.py:score", "metrics": summary}
+
+    assert metric_failure_lines(meta(set())) == []
+    check_metric_ran(meta(set()), tmp_path)
+    assert metric_failure_lines(meta({1, 3})) == [
+        "ft: your metric m.py:score failed on 2 of 5 examples (their task score is null):",
+        "  #1 (t.jsonl:2): KeyError: 'field 1'",
+        "  #3 (t.jsonl:4): KeyError: 'field 3'",
+    ]
+    check_metric_ran(meta({1, 3}), tmp_path)  # some scored: not an error
+    every = meta(set(range(5)))
+    lines = metric_failure_lines(every)
+    assert lines[0] == "ft: your metric m.py:score failed on 5 of 5 examples (their task score is null):"  # fmt: skip
+    assert lines[1:] == [
+        "  #0 (t.jsonl:1): KeyError: 'field 0'",
+        "  #1 (t.jsonl:2): KeyError: 'field 1'",
+        "  #2 (t.jsonl:3): KeyError: 'field 2'",
+        "  ... and 2 more (task_failures in metrics.json lists 5)",
+    ]
+    with pytest.raises(ConfigError) as e:
+        check_metric_ran(every, tmp_path / "ft")
+    assert str(e.value) == (
+        "eval.metric 'm.py:score' failed on every example (5 of 5), e.g. #0 (t.jsonl:1): "
+        f"KeyError: 'field 0'; the evaluation is written to {tmp_path / 'ft'} (task scores are "
+        "null, the other metrics are kept): fix the function and evaluate again"
+    )
+    check_metric_ran({**every, "examples": 0}, tmp_path)  # nothing to score: nothing failed
+
+
 def test_score_all_rejects_unknown_names_and_task_without_a_function():
     with pytest.raises(ConfigError, match="unknown"):
         score_all(["a"], ["a"], None, names=["meteor"])

@@ -35,6 +35,32 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The hub as resolve_model sees it, without a network: ``hub.down = "why"`` makes it
+    unreachable; an empty cache in tmp_path (``hub.cache``); loading from it is forbidden."""
+    import huggingface_hub.constants
+    from transformers import AutoModelForCausalLM
+
+    class Hub:
+        down: str | None = None
+        cache = tmp_path / "hf-cache"
+        probes: list[str] = []
+
+    def probe(endpoint):
+        Hub.probes.append(endpoint)
+        return Hub.down
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("asked the hub")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(Hub.cache))
+    monkeypatch.setattr("tunelab.models.load._hub_unreachable", probe)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", forbidden)
+    return Hub
+
+
 def logits(model, tok, text=PROMPT):
     with torch.no_grad():
         return model(torch.tensor([tok(text)["input_ids"]])).logits
@@ -79,11 +105,56 @@ def test_missing_pad_token_becomes_eos(tmp_path):
 
 
 # -- resolution and user errors ----------------------------------------------------------------
-@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/dir", "~/no-such-model", "a/b/c"])
-def test_missing_path_is_not_found(name):
-    with pytest.raises(ModelError, match="not found") as e:
+@pytest.mark.parametrize(
+    "name",
+    ["./no/such/model", "/no/such/dir", "~/no-such-model", "a/b/c", "./x", "missing/", "m.yaml"],
+)
+def test_missing_path_is_not_found(name, hub):
+    with pytest.raises(ModelError, match="not found: no such folder or file") as e:
         load_model(name)
-    assert name in str(e.value) and "smollm2-135m-instruct" in str(e.value)
+    assert str(e.value).startswith(f"{name}: ") and "smollm2-135m-instruct" in str(e.value)
+    assert "is a folder here" not in str(e.value)  # spelled as a path: no other reason given
+    assert hub.probes == []  # never a hub look-up
+
+
+@pytest.mark.parametrize("name", ["runs/missing", "runs/missing/", "runs/a/b"])
+def test_a_missing_path_under_a_local_folder_is_not_sent_to_the_hub(name, hub, tmp_path, monkeypatch):  # fmt: skip
+    """``runs/missing`` has one slash like ``owner/name``: ``runs/`` existing here decides."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelError, match="no such folder or file") as e:
+        resolve_model(name)
+    assert str(e.value).startswith(f"{name}: not found") and "gemma-3-270m" in str(e.value)
+    if name == "runs/missing":  # the one spelling a hub id could have: say why it is a path
+        assert "runs/ is a folder here, so this is read as a path, not a hub id" in str(e.value)
+    assert hub.probes == []
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [
+        ("runs/x", True),  # runs/ exists
+        ("owner/x", False),
+        ("gpt2", False),
+        ("Qwen/Qwen2.5-0.5B", False),  # dots in a hub id are not a file suffix
+        ("owner/x/", True),
+        ("x/", True),
+        ("a/b/c", True),
+        ("./x", True),
+        ("../x", True),
+        ("/x", True),
+        ("~/x", True),
+        ("model.gguf", True),
+        ("owner/model.safetensors", True),
+        ("owner/config.json", True),
+    ],
+)
+def test_looks_local(name, local, tmp_path, monkeypatch):
+    from tunelab.models.load import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert looks_local(name) is local
 
 
 def test_missing_gguf_is_not_found(tmp_path):
@@ -118,11 +189,49 @@ def test_folder_without_weights(tmp_path):
         load_model(str(folder))
 
 
-def test_hub_ids_are_left_to_the_hub():
+def test_hub_ids_are_left_to_the_hub(hub):
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert resolve_model("gpt2") == "gpt2"
+    assert len(hub.probes) == 2 and "huggingface" in hub.probes[0]
     with pytest.raises(ModelError, match="not found"):
         resolve_model("no such model")
+
+
+def test_an_unreachable_hub_is_one_line_at_once_unless_it_has_a_cached_copy(hub):
+    hub.down = "huggingface.co cannot be reached: [Errno -2] Name or service not known"
+    with pytest.raises(ModelError) as e:
+        load_model("someone/no-such-model")  # from_pretrained is never reached: no retries
+    assert str(e.value) == (
+        "someone/no-such-model: not a catalog model (smollm2-135m-instruct, gemma-3-270m), not a "
+        "local folder or .gguf file, and the hub could not provide it (huggingface.co cannot be "
+        "reached: [Errno -2] Name or service not known, and no cached copy)"
+    )
+    snapshot = hub.cache / "models--someone--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (hub.cache / "models--someone--cached" / "refs").mkdir()
+    (hub.cache / "models--someone--cached" / "refs" / "main").write_text("abc123")
+    assert resolve_model("someone/cached") == "someone/cached"  # the hub client uses the cache
+
+
+def test_the_hub_probe(monkeypatch):
+    """A TCP connection to the endpoint's host, once per process; a proxy is not probed."""
+    import socket
+
+    from tunelab.models.load import _hub_unreachable
+
+    probe = _hub_unreachable.__wrapped__
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert probe(f"http://127.0.0.1:{port}") is None
+    why = probe(f"http://127.0.0.1:{port}")  # closed now
+    assert why.startswith("127.0.0.1 cannot be reached: ") and "\n" not in why
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert probe(f"http://127.0.0.1:{port}") is None
 
 
 def test_unreachable_hub_id_lists_what_was_tried(offline):
@@ -207,7 +316,7 @@ def test_fingerprint_is_stable_and_follows_the_weights(tmp_path, home):
     assert model_fingerprint(str(a)) != model_fingerprint(str(other))
 
 
-def test_fingerprint_of_a_hub_id_is_its_name():
+def test_fingerprint_of_a_hub_id_is_its_name(hub):
     assert model_fingerprint("org/model") == model_fingerprint("org/model")
     assert model_fingerprint("org/model") != model_fingerprint("org/other")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 _OUT = typer.Option(Path("eval"), "--out", "-o", help="Evaluations are written to OUT/<name>/.")
@@ -40,11 +41,12 @@ def _flag_overrides(**flags) -> list[str]:
 def _rating_sheet(runs, folder: Path, prefix: str = "") -> tuple[Path, Path]:
     """A blind rating sheet (``folder/<prefix>rating_sheet.csv`` and its key) over the examples
     every one of ``runs`` (loaded evaluations) answered; the systems are the runs' names."""
+    from tunelab.evaluate.compare import alignment_keys, common_keys
     from tunelab.evaluate.sheet import write_rating_sheet
 
-    by_run = [{(r["source"], r["index"]): r for r in run.records} for run in runs]
+    by_run = alignment_keys(runs)
     first = by_run[0]
-    keys = [k for k in first if all(k in m for m in by_run)]
+    keys = common_keys(by_run)
     return write_rating_sheet(
         folder, [first[k]["prompt"] for k in keys], [first[k]["reference"] for k in keys],
         {run.name: [m[k]["prediction"] for k in keys] for run, m in zip(runs, by_run, strict=True)},
@@ -116,6 +118,10 @@ def _show(meta: dict, folder: Path, console: Console) -> None:
     )
     for failure in meta.get("judge_failures", [])[:5]:
         console.print(f"[yellow]judge failure:[/] {failure}")
+    from tunelab.evaluate.run import metric_failure_lines
+
+    for i, line in enumerate(metric_failure_lines(meta)):
+        console.print(f"[yellow]{escape(line)}[/]" if i == 0 else escape(line), soft_wrap=True)
 
 
 def eval_command(
@@ -143,7 +149,12 @@ def eval_command(
     quiet: bool = _QUIET,
 ) -> None:
     """Generate answers for a held-out set and score them (exact, JSON, BLEU, ROUGE, loss, yours, judge)."""
-    from tunelab.evaluate.run import evaluate_examples, load_eval_examples, load_target
+    from tunelab.evaluate.run import (
+        check_metric_ran,
+        evaluate_examples,
+        load_eval_examples,
+        load_target,
+    )
 
     flags = _flag_overrides(
         data=str(data) if data else None, metric=metric, limit=limit, sheet=sheet
@@ -176,6 +187,7 @@ def eval_command(
 
         paths = _rating_sheet([load_eval(out / label)], out / label)
         console.print(f"rating sheet: {paths[0]} (key: {paths[1]})")
+    check_metric_ran(meta, out / label)  # after writing: the answers can be read
 
 
 def baseline_command(
@@ -210,7 +222,13 @@ def baseline_command(
 ) -> None:
     """The prompt baseline a fine-tune must beat: the base model zero-shot and k-shot on the test set."""
     from tunelab.errors import ConfigError
-    from tunelab.evaluate.run import evaluate_examples, load_eval_examples, load_target, pick_shots
+    from tunelab.evaluate.run import (
+        check_metric_ran,
+        evaluate_examples,
+        load_eval_examples,
+        load_target,
+        pick_shots,
+    )
 
     shot_counts = None
     if shots is not None:
@@ -251,6 +269,7 @@ def baseline_command(
                 on_progress=lambda n, t=task, p=progress: p.advance(t, n),
             )  # fmt: skip
         _show(meta, out / label, console)
+        check_metric_ran(meta, out / label)  # a broken metric: stop before the next shot count
     if cfg.eval.sheet:  # one blind sheet over every shot count, next to the evaluations
         from tunelab.evaluate.compare import load_eval
 
@@ -267,12 +286,17 @@ def compare_command(
     sheet: bool = typer.Option(
         False, "--sheet", help="Also write a blind human-rating sheet (CSV + key)."
     ),
+    allow_different_references: bool = typer.Option(
+        False,
+        "--allow-different-references",
+        help="Compare even when the evaluations' references differ (the test file changed).",
+    ),
 ) -> None:
     """Compare evaluations: every metric, differences with paired-bootstrap 95% intervals, flips."""
     from tunelab.evaluate.compare import compare, format_table, load_eval, write_report
 
     runs = [load_eval(p) for p in evals]
-    result = compare(runs)
+    result = compare(runs, allow_different_references=allow_different_references)
     folder = out or evals[0].parent
     md, html = write_report(result, folder)
     print(format_table(result))

@@ -1,8 +1,9 @@
 """``tunelab compare A B C ...``: every metric of several evaluations side by side.
 
     eval/<name>/{metrics.json, predictions.jsonl}  -> load_eval -> EvalRun
-    runs -> align examples by (source, index) -> per metric: each run's mean over the common
-    examples, the difference to the baseline with a paired-bootstrap interval, flips
+    runs -> align examples by content (alignment_keys) -> refuse different references
+    -> per metric: each run's mean over the common examples, the difference to the baseline
+    with a paired-bootstrap interval, flips
     -> the most instructive examples (fixed and broken by the best run)
     -> format_table (terminal), write_report (compare.md + compare.html)
 
@@ -18,6 +19,8 @@ import html
 import io
 import json
 import math
+import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,8 +202,9 @@ def _check_record(r: object) -> str | None:
             return f"missing '{key}'"
         if not isinstance(r[key], kind) or isinstance(r[key], bool):
             return f"'{key}' should be a {'integer' if kind is int else 'string'}"
-    if not isinstance(r.get("prompt", ""), str):
-        return "'prompt' should be a string"
+    for key in ("prompt", "prompt_hash"):
+        if not isinstance(r.get(key, ""), str):
+            return f"'{key}' should be a string"
     scores = r.get("scores")
     if not isinstance(scores, dict):
         return "missing 'scores' (an object of metric: number or null)"
@@ -210,6 +214,67 @@ def _check_record(r: object) -> str | None:
         ):
             return f"scores.{k}: {v!r} is not a number or null"
     return None
+
+
+# --- aligning --------------------------------------------------------------------------------
+
+
+def alignment_keys(runs: Sequence[EvalRun]) -> list[dict[tuple, dict]]:
+    """Per run, its records by an alignment key that depends on the example's content only, so
+    two evaluations of one test file align however its path was spelled (relative, absolute,
+    another working folder): ``(content, n)``, where ``content`` is the record's
+    ``prompt_hash`` (a hash of the example's own turns before the reply, system included; see
+    :func:`tunelab.evaluate.run.prompt_hash`) and ``n`` counts earlier records of the same
+    content (exact duplicates stay apart, in file order). The reference is deliberately not part of the key:
+    an example whose reference changed still aligns, and :func:`compare` then refuses it.
+
+    When a run's records lack ``prompt_hash`` (older files), every run uses the record's
+    ``prompt`` text (its last user message) instead; when some lack that too, the old key,
+    ``(source, index)`` (the test file's path as given, and the position)."""
+    records = [sorted(run.records, key=lambda r: r["index"]) for run in runs]
+    if all("prompt_hash" in r for rs in records for r in rs):
+        field_name = "prompt_hash"
+    elif all("prompt" in r for rs in records for r in rs):
+        field_name = "prompt"
+    else:
+        return [{(r["source"], r["index"]): r for r in rs} for rs in records]
+    out = []
+    for rs in records:
+        seen: Counter = Counter()
+        by_key = {}
+        for r in rs:
+            content = r[field_name]
+            by_key[(content, seen[content])] = r
+            seen[content] += 1
+        out.append(by_key)
+    return out
+
+
+def common_keys(by_key: Sequence[dict], first: int = 0) -> list:
+    """The keys every run has, in the order of run ``first``."""
+    return [k for k in by_key[first] if all(k in m for m in by_key)]
+
+
+def _reference_problems(runs, by_key, keys, baseline_index) -> list[Problem]:
+    """One problem per evaluation whose references differ from the baseline's on a common
+    example: how many, and the first such example."""
+    base = runs[baseline_index]
+    problems = []
+    for j, run in enumerate(runs):
+        if j == baseline_index:
+            continue
+        differ = [k for k in keys if by_key[j][k]["reference"] != by_key[baseline_index][k]["reference"]]  # fmt: skip
+        if not differ:
+            continue
+        first_base, first_run = by_key[baseline_index][differ[0]], by_key[j][differ[0]]
+        example = f"{first_base['source']}" + (f" ({_clip(first_base['prompt'], 60)!r})" if first_base.get("prompt") else "")  # fmt: skip
+        problems.append(Problem(str(run.folder or run.name), None, None,
+            f"{len(differ)} of the {len(keys)} examples it shares with the baseline {base.name} "
+            f"({base.folder or base.name}) have a different reference (was the test file changed "
+            f"between the two evaluations?), e.g. {example}: {base.name} has "
+            f"{_clip(first_base['reference'], 80)!r}, {run.name} has {_clip(first_run['reference'], 80)!r}; "
+            "evaluate both on the same test file, or pass --allow-different-references to compare anyway"))  # fmt: skip
+    return problems
 
 
 # --- comparing -------------------------------------------------------------------------------
@@ -224,8 +289,12 @@ def compare(
     seed: int = 0,
     confidence: float = 0.95,
     max_examples: int = 5,
+    allow_different_references: bool = False,
 ) -> Comparison:
-    """Align the runs' examples by ``(source, index)`` (only those every run has), then per
+    """Align the runs' examples by content (:func:`alignment_keys`; only those every run has).
+    When a common example's reference differs between the baseline and another run (the test
+    file changed in between) this is a :class:`~tunelab.errors.DataError` naming the runs and
+    an example, unless ``allow_different_references`` (then a note says how many). Then per
     metric: each run's mean over the common examples scored in every run, and each run against
     the baseline: the paired-bootstrap interval of the difference and, for right-or-wrong
     metrics, the flips. Metrics only in metrics.json (loss, perplexity, corpus BLEU) are shown
@@ -237,11 +306,15 @@ def compare(
     if not 0 <= baseline_index < len(runs):
         raise ConfigError(f"compare: baseline_index {baseline_index} is not one of the {len(runs)} runs")  # fmt: skip
     _unique_names(runs)
-    by_key = [{(r["source"], r["index"]): r for r in run.records} for run in runs]
-    keys = [k for k in by_key[baseline_index] if all(k in m for m in by_key)]
+    by_key = alignment_keys(runs)
+    keys = common_keys(by_key, baseline_index)
     if not keys:
         where = str(runs[baseline_index].folder or runs[baseline_index].name)
         raise DataError(Problem(where, None, None, "no example in common with the other evaluations (same data file?)"))  # fmt: skip
+    if not allow_different_references:
+        problems = _reference_problems(runs, by_key, keys, baseline_index)
+        if problems:
+            raise DataError(problems)
     dropped = [len(m) - len(keys) for m in by_key]
     c = Comparison(runs, baseline_index, [], len(keys), dropped, None, None, confidence=confidence, resamples=resamples)  # fmt: skip
     c.notes = _notes(runs, by_key, keys, dropped)
@@ -315,9 +388,15 @@ def _notes(runs, by_key, keys, dropped) -> list[str]:
     if any(dropped):
         lost = ", ".join(f"{r.name}: {d}" for r, d in zip(runs, dropped, strict=True) if d)
         notes.append(f"{len(keys)} examples are in every evaluation; left out because another evaluation lacks them: {lost}")  # fmt: skip
-    data = {str(run.meta["data"]) for run in runs if run.meta.get("data")}
-    if len(data) > 1:
-        notes.append(f"the evaluations name different data files: {', '.join(sorted(data))}")
+    hashes = [h if isinstance(h := run.meta.get("data_sha256"), str) else None for run in runs]
+    if all(hashes):  # the test files' contents: a path spelled differently is the same file
+        if len(set(hashes)) > 1:
+            named = ", ".join(f"{r.name}: {r.meta.get('data')} ({h[:12]})" for r, h in zip(runs, hashes, strict=True))  # fmt: skip
+            notes.append(f"the evaluations' test files differ in content: {named}")
+    else:
+        data = {str(run.meta["data"]) for run in runs if run.meta.get("data")}
+        if len({os.path.abspath(d) for d in data}) > 1:  # relative to the current folder
+            notes.append(f"the evaluations name different data files: {', '.join(sorted(data))}")
     differ = sum(len({m[k]["reference"] for m in by_key}) > 1 for k in keys)
     if differ:
         notes.append(f"{differ} common examples have different references in different evaluations")  # fmt: skip

@@ -8,6 +8,7 @@ generate -> predictions -> scores (+ loss/perplexity on the references, + judge)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -21,9 +22,9 @@ from tunelab.data.collate import collate
 from tunelab.data.records import Example, Message
 from tunelab.data.split import normalize
 from tunelab.data.tokenize import EncodeOptions, encode
-from tunelab.errors import DataError, Problem
+from tunelab.errors import ConfigError, DataError, Problem
 from tunelab.evaluate.generate import GenerationOptions, generate
-from tunelab.files import atomic_folder, jsonl_text
+from tunelab.files import atomic_folder, file_sha256, jsonl_text
 from tunelab.models.nll import causal_lm_nll_sum, perplexity, target_weights
 from tunelab.models.run_folder import LoadedModel, load_run
 from tunelab.models.tokenizer import pad_id
@@ -94,6 +95,15 @@ def conversation(
     return msgs + rest
 
 
+def prompt_hash(example: Example) -> str:
+    """16 hex digits of SHA-256 over the example's own turns before its reply (roles and
+    contents, system included; no shots, no ``eval.instruction``): what ``tunelab compare``
+    aligns evaluations by, so the test file's path and position do not matter."""
+    turns = [[m.role, m.content] for m in example.messages[:-1]]
+    text = json.dumps(turns, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def reference_loss(
     target: Target, prompts: list[list[Message]], references: list[str], batch_size: int
 ) -> float | None:
@@ -152,6 +162,7 @@ def evaluate_examples(
             "index": i,
             "source": str(e.source),
             "prompt": e.instruction,
+            "prompt_hash": prompt_hash(e),
             "reference": ref,
             "prediction": pred,
         }
@@ -191,6 +202,8 @@ def evaluate_examples(
         }
     meta = {
         "name": name, "model": target.label, "adapter": target.adapter, "data": data_label,
+        "data_sha256": file_sha256(data_label) if Path(data_label).is_file() else None,
+        "metric": ecfg.metric,
         "shots": len(shots), "shot_sources": [str(s.source) for s in shots], "instruction": instruction,
         "examples": len(records), "metrics": summary, "judge_failures": judge_failures,
         "generation": options.__dict__, "seconds": round(time.perf_counter() - started, 1),
@@ -205,4 +218,36 @@ def _write(folder: Path, records: list[dict], meta: dict) -> None:
         (tmp / "predictions.jsonl").write_text(jsonl_text(records), encoding="utf-8")
         (tmp / "metrics.json").write_text(
             json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+
+
+def metric_failure_lines(meta: dict, shown: int = 3) -> list[str]:
+    """What to tell the user when their metric (``eval.metric``) failed on some examples: the
+    count and the first ``shown`` messages; empty when it never failed."""
+    failed = meta["metrics"].get("task_failed") or 0
+    if not failed:
+        return []
+    messages = meta["metrics"].get("task_failures") or []
+    spec = f" {meta['metric']}" if meta.get("metric") else ""
+    lines = [
+        f"{meta['name']}: your metric{spec} failed on {failed} of {meta['examples']} examples "
+        "(their task score is null):"
+    ]
+    lines += [f"  {m}" for m in messages[:shown]]
+    if failed > min(shown, len(messages)):
+        lines.append(f"  ... and {failed - min(shown, len(messages))} more (task_failures in metrics.json lists {len(messages)})")  # fmt: skip
+    return lines
+
+
+def check_metric_ran(meta: dict, folder: Path) -> None:
+    """A :class:`~tunelab.errors.ConfigError` when the user's metric failed on every example
+    (the function is broken: its mean is no number at all). Call it after the evaluation is
+    written, so the predictions and the failure messages can be read."""
+    failed, n = meta["metrics"].get("task_failed") or 0, meta["examples"]
+    if n and failed >= n:
+        first = (meta["metrics"].get("task_failures") or ["?"])[0]
+        raise ConfigError(
+            f"eval.metric {meta.get('metric')!r} failed on every example ({failed} of {n}), e.g. "
+            f"{first}; the evaluation is written to {folder} (task scores are null, "
+            "the other metrics are kept): fix the function and evaluate again"
         )

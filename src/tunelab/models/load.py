@@ -11,10 +11,12 @@ the file and what was found in it, never as a traceback. See docs/models.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -32,8 +34,10 @@ NO_CUDA = "QLoRA needs a CUDA GPU with bitsandbytes; this machine has none — u
 def resolve_model(name: str) -> Path | str:
     """A catalog name -> its converted folder (pulled and converted on first use); a model
     folder -> itself (it must hold config.json); a .gguf file -> a folder converted from it once
-    (:func:`gguf_folder`); anything that looks like a path but does not exist -> ModelError;
-    anything else is a hub id and is returned unchanged."""
+    (:func:`gguf_folder`); anything meant as a path (:func:`looks_local`) that does not exist
+    -> ModelError at once; anything else is a hub id and is returned unchanged, once the hub is
+    known to be reachable or to have a cached copy (else a ModelError at once, instead of the
+    hub client's minute of retries)."""
     if name in catalog.CATALOG:
         return catalog.pull(name)
     path = Path(name).expanduser()
@@ -50,22 +54,81 @@ def resolve_model(name: str) -> Path | str:
         hint = "; pass the folder that holds it" if path.name == "config.json" else ""
         raise ModelError(f"{path}: a file, not a model folder or .gguf file{hint}")
     if looks_local(name) or not _HUB_ID.fullmatch(name):
+        top = None if _spelled_as_path(name) else _local_top(name)
+        why = f"; {top}/ is a folder here, so this is read as a path, not a hub id" if top else ""
         raise ModelError(
-            f"{name}: not found; it is not a model folder or .gguf file on this machine "
-            f"(catalog models: {', '.join(catalog.CATALOG)})"
+            f"{name}: not found: no such folder or file (not a model folder or .gguf file on "
+            f"this machine{why}), and not a catalog model (catalog models: "
+            f"{', '.join(catalog.CATALOG)})"
         )
+    _check_hub(name)
     return name
+
+
+#: Endings of files a user may pass by mistake; hub ids never end in these.
+_FILE_SUFFIXES = (".gguf", ".json", ".jsonl", ".yaml", ".yml", ".txt", ".ckpt", *WEIGHT_SUFFIXES)
 
 
 def looks_local(name: str) -> bool:
     """Whether ``name`` is meant as a path (and so must not be tried on the hub). Hub ids are
-    ``owner/name``: at most one slash, never a leading ``.``, ``/`` or ``~``."""
+    ``name`` or ``owner/name``: a path starts with ``.``, ``/`` or ``~``, ends with ``/``, has
+    more than one ``/``, ends in a file suffix (``.gguf``, ``.json``, ``.safetensors``...), or
+    its first component is a folder here (``runs/missing`` when ``runs/`` exists)."""
+    return _spelled_as_path(name) or _local_top(name) is not None
+
+
+def _spelled_as_path(name: str) -> bool:
     return (
         name.startswith((".", "/", "~"))
+        or name.endswith("/")
         or name.count("/") > 1
         or (os.sep != "/" and os.sep in name)
-        or name.lower().endswith((".gguf", ".json", *WEIGHT_SUFFIXES))
+        or name.lower().endswith(_FILE_SUFFIXES)
     )
+
+
+def _local_top(name: str) -> str | None:
+    """The first component of ``owner/name`` when it is a folder here, else None."""
+    top, sep, _ = name.partition("/")
+    return top if sep and top and Path(top).expanduser().is_dir() else None
+
+
+def _check_hub(name: str) -> None:
+    """Nothing when the hub may provide ``name``: it is reachable (or a proxy is set: not
+    probed), or it has a cached copy. Else a one-line ModelError."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)  # fmt: skip
+    if offline is None:
+        return
+    with contextlib.suppress(Exception):  # an invalid repo id for the cache: no cached copy
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+            return  # transformers falls back to the cached copy at once
+    raise ModelError(
+        f"{name}: not a catalog model ({', '.join(catalog.CATALOG)}), not a local folder or "
+        f".gguf file, and the hub could not provide it ({offline}, and no cached copy)"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """None when a TCP connection to the hub opens within 3 s (or a proxy is configured: then
+    the hub client is left to find out); else why not, e.g. "huggingface.co cannot be reached:
+    [Errno -2] Name or service not known". Asked once per process."""
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        return f"{host} cannot be reached: {first_line(e) or type(e).__name__}"
+    return None
 
 
 def gguf_folder(path: Path) -> Path:

@@ -16,7 +16,14 @@ from pathlib import Path
 from tunelab.config.schema import Config
 from tunelab.errors import DataError, Problem
 from tunelab.evaluate.metrics import load_user_metric
-from tunelab.evaluate.run import Target, evaluate_examples, load_eval_examples, load_target
+from tunelab.evaluate.run import (
+    Target,
+    check_metric_ran,
+    evaluate_examples,
+    load_eval_examples,
+    load_target,
+    metric_failure_lines,
+)
 from tunelab.train.plan import RunPlan, build_plan
 from tunelab.train.recipe import finish, prepare, train
 
@@ -68,6 +75,7 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) 
         lines.append(
             f"test set ({meta['examples']} examples): {headline(meta)} -> {run_dir / 'eval' / 'finetuned'}"
         )
+        lines += metric_failure_lines(meta)
     if cfg.eval.general_data:
         after = _general(cfg, target, run_dir, "general-after")
         b = before["metrics"].get("contains") if before else None
@@ -81,6 +89,8 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) 
         log(line)
     with open(run_dir / "summary.md", "a", encoding="utf-8") as f:
         f.write("\n## Evaluation at the end\n\n" + "".join(f"- {line}\n" for line in lines))
+    if cfg.eval.data:  # a metric that never ran is an error, once everything is written
+        check_metric_ran(meta, run_dir / "eval" / "finetuned")
 
 
 def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
