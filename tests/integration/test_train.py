@@ -173,9 +173,12 @@ def test_sigkill_then_resume_gives_the_samefinal_weights(tmp_path, model_dir, da
         child.wait()
     assert child.returncode == -9, child.stderr.read().decode()
     assert not (killed / "final").exists()
+    last = int((killed / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
     r = subprocess.run([sys.executable, "-m", "tunelab", "train", "-q", "--resume", str(killed)],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    result = json.loads((killed / "result.json").read_text())  # a resume, not a rerun
+    assert result["resumed_from"] == last > 0 and result["steps_run"] == 30 - last
     whole = run_training(
         load_config(None, [*args, f"train.output_dir={tmp_path / 'whole'}"]), log=quiet
     )
