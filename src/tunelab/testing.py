@@ -2,12 +2,16 @@
 
 The tokenizers are real byte-level BPE tokenizers (the kind Llama 3, Qwen and SmolLM use),
 trained in a fraction of a second on a small built-in corpus, with the special tokens and chat
-templates of two common families:
+templates of common families:
 
 * ``chatml``: ``<|im_start|>``/``<|im_end|>`` turns, BOS = ``<|im_start|>``, EOS = PAD =
   ``<|im_end|>`` (like SmolLM2-Instruct, where pad equals EOS);
-* ``llama3``: a separate ``<|begin_of_text|>`` BOS that the template writes once, turns closed
-  by ``<|eot_id|>`` (the EOS), PAD ``<|finetune_pad|>``;
+* ``llama3``: a separate ``<|begin_of_text|>`` BOS, turns closed by ``<|eot_id|>`` (the EOS),
+  PAD ``<|finetune_pad|>``. As with Llama 3's own ``tokenizer.json``, two things write BOS:
+  the chat template (``{{ bos_token }}``) and the backend tokenizer's ``TemplateProcessing``
+  post-processor, which prepends it whenever special tokens are added. A naive
+  ``tokenizer(rendered_text)`` therefore starts with two BOS (so a test can catch a double
+  BOS), while ``apply_chat_template(tokenize=True)``, which adds no special tokens, gives one;
 * ``base``: no chat template at all (tunelab's default template applies).
 """
 
@@ -66,7 +70,24 @@ def _backend(kind: str):
         show_progress=False,
     )
     tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    if kind == "llama3":
+        tok.post_processor = _llama3_post_processor(tok)
     return tok.to_str()
+
+
+def _llama3_post_processor(tok):
+    """What Meta's Llama 3 ``tokenizer.json`` holds: byte-level offsets, then BOS prepended to
+    every sequence (and to each of a pair) when special tokens are added."""
+    from tokenizers import processors
+
+    bos = "<|begin_of_text|>"
+    return processors.Sequence([
+        processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+        processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+            special_tokens=[(bos, tok.token_to_id(bos))],
+        ),
+    ])  # fmt: skip
 
 
 def tiny_tokenizer(kind: str = "chatml"):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tests.helpers import chat, reference_ids
+from tests.helpers import as_dicts, chat, reference_ids
 from tunelab.data.collate import collate
 from tunelab.data.tokenize import EncodeOptions, encode
 from tunelab.errors import DataError
@@ -42,6 +42,81 @@ def test_exactly_one_bos(tokenizer):
     assert seq[:2] != [bos, bos]
     if tokenizer.bos_token not in ("<|im_start|>",):  # ChatML's BOS is the turn opener
         assert seq.count(bos) == expected == 1
+
+
+def test_llama3_kind_adds_bos_twice_when_tokenized_naively():
+    """The test tokenizer can show a double BOS: like Llama 3's, its template writes BOS and its
+    post-processor prepends another one when special tokens are added."""
+    from tunelab.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer("llama3")
+    bos = tok.bos_token_id
+    text = tok.apply_chat_template(as_dicts(MULTI), tokenize=False)
+    assert text.startswith(tok.bos_token)
+    assert tok(text)["input_ids"][:3].count(bos) == 2  # the naive way: two BOS
+    assert tok("plain text")["input_ids"][0] == bos  # the post-processor adds BOS to any text
+    assert reference_ids(tok, MULTI).count(bos) == 1  # apply_chat_template: one
+
+
+@pytest.fixture
+def llama3():
+    from tunelab.testing import tiny_tokenizer
+
+    return tiny_tokenizer("llama3")
+
+
+def test_one_bos_with_a_bos_adding_post_processor(llama3):
+    bos = llama3.bos_token_id
+    for ex in (MULTI, chat("  padded question  ", "  padded answer  ")):  # fast and prefix paths
+        ids = enc(llama3, ex).input_ids.tolist()
+        assert ids == reference_ids(llama3, ex)
+        assert ids.count(bos) == 1 and ids[0] == bos
+
+
+def test_preference_pair_has_one_bos_each(llama3):
+    from tunelab.data.read import Source
+    from tunelab.data.records import Example, Message
+
+    ex = Example(Source("p.jsonl", 1), "preference", [Message("user", "Capital of France?")],
+                 chosen="Paris.", rejected="Lyon.")  # fmt: skip
+    tex = encode([ex], llama3, EncodeOptions()).examples[0]
+    for seq, reply in ((tex.seq, "Paris."), (tex.rejected, "Lyon.")):
+        ref = reference_ids(llama3, chat("Capital of France?", reply))
+        assert seq.input_ids.tolist() == ref and ref.count(llama3.bos_token_id) == 1
+
+
+def test_text_format_gets_exactly_the_tokenizers_own_bos(tokenizer):
+    from tunelab.data.read import Source
+    from tunelab.data.records import Example
+
+    text = "The quick brown fox."
+    ex = Example(Source("t.jsonl", 1), "text", [], text=text)
+    ids = enc(tokenizer, ex).input_ids.tolist()
+    # What the tokenizer itself gives (its post-processor's BOS, if any), once, then EOS.
+    assert ids == tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    if tokenizer.bos_token == "<|begin_of_text|>":
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_truncate_prompt_keeps_one_bos(llama3):
+    seq = enc(llama3, LONG, max_seq_len=30, truncation="truncate_prompt").input_ids.tolist()
+    assert len(seq) == 30 and seq[0] == llama3.bos_token_id
+    assert seq.count(llama3.bos_token_id) == 1
+
+
+def test_saved_model_folder_keeps_the_post_processor(tmp_path):
+    """A run tokenizes with the folder's tokenizer, loaded back: the post-processor survives
+    and the data layer still writes one BOS."""
+    from tunelab.config.schema import DataConfig
+    from tunelab.data.pipeline import tokenize_examples
+    from tunelab.models.tokenizer import load_tokenizer
+    from tunelab.testing import tiny_model_dir
+
+    tok = load_tokenizer(tiny_model_dir(tmp_path / "m", kind="llama3"))
+    bos = tok.bos_token_id
+    assert tok("x")["input_ids"][0] == bos
+    seq = tokenize_examples([MULTI], tok, DataConfig()).examples[0].seq.input_ids.tolist()
+    assert seq == reference_ids(tok, MULTI) and seq.count(bos) == 1
 
 
 # -- 3: prompt loss weight ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab import __version__
 from tunelab.cli import config as config_cli
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             return result
     except TunelabError as e:
         Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"[bold red]error:[/] {e}", markup=True
+            f"[bold red]error:[/] {escape(str(e))}", markup=True
         )
         return e.exit_code
     except typer.Exit as e:
