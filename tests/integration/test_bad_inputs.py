@@ -332,7 +332,8 @@ def test_folder_without_config_json(tmp_path, capsys, good_data, model_copy, no_
                                     "model.safetensors"], runs)  # fmt: skip
 
 
-def test_folder_without_weights(tmp_path, capsys, good_data, model_copy):
+def test_folder_without_weights(tmp_path, capsys, good_data, model_copy, no_weights_read):
+    """Found while planning (the folder is listed, nothing read)."""
     folder = model_copy
     (folder / "model.safetensors").unlink()
     code, out, err, runs = train(capsys, tmp_path, folder, f"data.path={good_data}")

@@ -152,3 +152,8 @@ def test_the_truncation_policy_is_reported(tmp_path, model_dir, policy, said, ca
     assert json.loads((run / "result.json").read_text())["truncated"] == (
         2 if policy == "truncate" else 0
     )
+
+
+def test_an_empty_data_path_is_missing(tmp_path, capsys):
+    assert main(["train", "-q", "data.path=", f"train.output_dir={tmp_path}"]) == 2
+    assert "data.path: missing (the training data file)" in capsys.readouterr().err

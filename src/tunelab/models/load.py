@@ -161,9 +161,13 @@ def load_model(
 
 def load_model_config(name: str) -> dict:
     """The model's ``config.json`` as a dict (architecture and sizes): no weights, and none of
-    transformers' model modules imported (a second saved on a dry run)."""
+    transformers' model modules imported (a second saved on a dry run). A local folder without
+    any weight file is refused here, before anything else is done (its files are listed, not
+    read)."""
     source = resolve_model(name)
     if isinstance(source, Path):
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in source.iterdir()):
+            raise ModelError(f"{source}: no weights (model*.safetensors) in this folder")
         path = source / "config.json"
         try:
             config = json.loads(path.read_text(encoding="utf-8"))

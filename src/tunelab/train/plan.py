@@ -235,7 +235,7 @@ def resume_point(run_dir: Path, fingerprint: dict) -> tuple[Path | None, list[st
 
 
 def _check_files(cfg: Config) -> None:
-    if cfg.data.path is None:
+    if not cfg.data.path:
         raise ConfigError("data.path: missing (the training data file)")
     for key in ("path", "val_path"):
         value = getattr(cfg.data, key)
