@@ -161,3 +161,9 @@ def test_every_bad_record_is_listed_and_capped(write):
 def test_forced_format_validates_against_it(write):
     p = write("d.jsonl", '{"text": "x"}\n')
     assert "instruction: missing" in error_of(p, format="alpaca")
+
+
+def test_a_pair_whose_chosen_equals_rejected_is_refused(write):
+    p = write("pairs.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+                             '{"prompt": "q", "chosen": "Same answer.", "rejected": " Same answer. "}\n')  # fmt: skip
+    assert f"{p}:2: rejected: is the same answer as chosen" in error_of(p)

@@ -209,3 +209,51 @@ def test_error_policy_with_report_drops_nothing():
     assert s.warnings == [
         "1 record exceeds max_seq_len 8 and will stop the run with an error (truncation: error)"
     ]
+
+
+# -- preference and KTO data -------------------------------------------------------------------
+def pair(chosen: str, rejected: str, prompt: str = "q") -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def kto(tag: bool, i: int = 0) -> dict:
+    return {"instruction": f"q{i}", "output": f"a{i}", "kto_tag": tag}
+
+
+def test_length_bias_of_preference_pairs_is_reported():
+    biased = stats_of([pair("a long and detailed answer", "short", f"q{i}") for i in range(8)]
+                      + [pair("no", "a longer wrong answer", "q9"), pair("ok", "also longer", "q10")])  # fmt: skip
+    p = biased.preferences
+    assert p.pairs == 10 and p.chosen_longer == 0.8 and p.chosen_chars > p.rejected_chars
+    assert any(
+        "length bias: the chosen answer is the longer one in 80% of pairs" in w
+        for w in biased.warnings
+    )
+    balanced = stats_of([pair("a longer answer", "no", f"q{i}") for i in range(5)]
+                        + [pair("ok", "a longer answer", f"r{i}") for i in range(5)])  # fmt: skip
+    assert balanced.preferences.chosen_longer == 0.5
+    assert not any("length bias" in w for w in balanced.warnings)
+    shorter = stats_of([pair("no", "a longer answer", f"q{i}") for i in range(4)])
+    assert any("the shorter one in 100%" in w for w in shorter.warnings)
+
+
+def test_kto_balance_is_reported():
+    one_kind = stats_of([kto(True, i) for i in range(6)])
+    assert (one_kind.preferences.desirable, one_kind.preferences.undesirable) == (6, 0)
+    assert any("no undesirable (kto_tag false) examples" in w for w in one_kind.warnings)
+    lopsided = stats_of([kto(True, i) for i in range(9)] + [kto(False, 10 + i) for i in range(3)])
+    assert any("KTO balance: 9 desirable vs 3 undesirable" in w for w in lopsided.warnings)
+    assert any("(e.g. undesirable_weight 3.00)" in w for w in lopsided.warnings)
+    fewer = stats_of([kto(True, i) for i in range(3)] + [kto(False, 10 + i) for i in range(6)])
+    assert any("KTO balance: 3 desirable vs 6 undesirable" in w and "desirable_weight 2.00" in w
+               for w in fewer.warnings)  # fmt: skip
+    even = stats_of([kto(True, i) for i in range(4)] + [kto(False, 10 + i) for i in range(4)])
+    assert not any("KTO" in w for w in even.warnings)
+
+
+def test_preferences_reach_the_report_and_json():
+    s = stats_of([pair("a long and detailed answer", "short", f"q{i}") for i in range(4)])
+    out = io.StringIO()
+    render_stats(s, None, Console(file=out, width=200), title="pairs.jsonl")
+    assert "preference pairs: 4; the chosen answer is the longer one in 100%" in out.getvalue()
+    assert json.loads(json.dumps(s.to_dict()))["preferences"]["pairs"] == 4

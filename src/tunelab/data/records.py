@@ -323,6 +323,8 @@ def _preference(source: Source, fields: Mapping, system: str | None, extra: dict
             raise _missing(fields, name)
     chosen_prefix, chosen = _response(fields["chosen"], "chosen")
     rejected_prefix, rejected = _response(fields["rejected"], "rejected")
+    if chosen.strip() == rejected.strip():
+        raise _RowError("rejected", "is the same answer as chosen: the pair prefers nothing")
     prompt = fields.get("prompt")
     if prompt is not None:
         if isinstance(prompt, str):

@@ -50,6 +50,23 @@ class Diversity:
 
 
 @dataclass
+class Preferences:
+    """What preference and KTO data need checking beyond the rest."""
+
+    pairs: int = 0  # preference records
+    chosen_longer: float | None = None  # share of pairs whose chosen answer is longer (characters)
+    chosen_chars: float | None = None  # mean length of the chosen answers
+    rejected_chars: float | None = None  # mean length of the rejected answers
+    desirable: int = 0  # KTO records tagged true
+    undesirable: int = 0  # KTO records tagged false
+
+
+#: Share of pairs with the longer answer chosen above which (or below 1 minus which) a
+#: preference objective can learn "longer is better" instead of the preference.
+LENGTH_BIAS = 0.7
+
+
+@dataclass
 class DataStats:
     records: int
     formats: dict[str, int]
@@ -64,6 +81,7 @@ class DataStats:
     exact_duplicates: int
     near_duplicate_instructions: int
     diversity: Diversity
+    preferences: Preferences = field(default_factory=Preferences)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -130,9 +148,53 @@ def compute_stats(
         exact_duplicates=exact,
         near_duplicate_instructions=near,
         diversity=diversity,
+        preferences=_preferences(examples),
     )
     stats.warnings = _warnings(stats)
     return stats
+
+
+def _preferences(examples: Sequence[Example]) -> Preferences:
+    pairs = [ex for ex in examples if ex.format == "preference"]
+    tags = [ex.label for ex in examples if ex.format == "kto"]
+    out = Preferences(pairs=len(pairs), desirable=sum(tags), undesirable=len(tags) - sum(tags))
+    if pairs:
+        chosen = np.array([len(ex.chosen or "") for ex in pairs], dtype=np.float64)
+        rejected = np.array([len(ex.rejected or "") for ex in pairs], dtype=np.float64)
+        out.chosen_longer = round(float((chosen > rejected).mean()), 4)
+        out.chosen_chars = round(float(chosen.mean()), 1)
+        out.rejected_chars = round(float(rejected.mean()), 1)
+    return out
+
+
+def _preference_warnings(p: Preferences) -> list[str]:
+    out = []
+    biased = p.chosen_longer is not None and not (1 - LENGTH_BIAS < p.chosen_longer < LENGTH_BIAS)
+    if biased:
+        side = "longer" if p.chosen_longer >= LENGTH_BIAS else "shorter"
+        share = p.chosen_longer if side == "longer" else 1 - p.chosen_longer
+        out.append(
+            f"length bias: the chosen answer is the {side} one in {share:.0%} of pairs "
+            f"({p.chosen_chars:g} vs {p.rejected_chars:g} characters on average); a preference "
+            f"objective can learn to prefer {side} answers instead of better ones — add pairs "
+            "where the better answer is the other length, or use a length-normalised "
+            "objective (SimPO)"
+        )
+    kto = p.desirable + p.undesirable
+    if kto and not (p.desirable and p.undesirable):
+        missing = "undesirable (kto_tag false)" if p.desirable else "desirable (kto_tag true)"
+        out.append(f"KTO data with no {missing} examples: KTO learns from both kinds; add some")
+    elif kto:
+        ratio = p.desirable / p.undesirable
+        if not 1 <= ratio <= 4 / 3:
+            fix = (f"desirable_weight {1 / ratio:.2f}" if ratio < 1
+                   else f"undesirable_weight {ratio:.2f}")  # fmt: skip
+            out.append(
+                f"KTO balance: {p.desirable} desirable vs {p.undesirable} undesirable examples "
+                f"({ratio:.2f}:1); the KTO paper keeps desirable_weight x desirable / "
+                f"(undesirable_weight x undesirable) between 1 and 4/3 (e.g. {fix})"
+            )
+    return out
 
 
 def compute_overlap(train: Sequence[Example], other: Sequence[Example]) -> Overlap:
@@ -307,7 +369,7 @@ def _warnings(s: DataStats) -> list[str]:
         )
     if s.diversity.warning:
         out.append(s.diversity.warning)
-    return out
+    return out + _preference_warnings(s.preferences)
 
 
 def _records(n: int) -> str:
@@ -362,6 +424,14 @@ def render_stats(
             f'most common {d.top_instruction_share:.0%} "{escape(d.top_instruction)}"; '
             f'most common opening {d.top_opening_share:.0%} "{escape(d.top_opening)}"'
         )
+    p = stats.preferences
+    if p.pairs:
+        console.print(
+            f"preference pairs: {p.pairs}; the chosen answer is the longer one in "
+            f"{p.chosen_longer:.0%} ({p.chosen_chars:g} vs {p.rejected_chars:g} characters on average)"
+        )
+    if p.desirable + p.undesirable:
+        console.print(f"KTO: {p.desirable} desirable, {p.undesirable} undesirable")
     if overlap is not None:
         where = f" (e.g. {', '.join(overlap.examples)})" if overlap.examples else ""
         console.print(
