@@ -48,6 +48,23 @@ def fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
+def _temp_beside(path: Path, mode: str = "wb") -> Iterator[tuple[IO, str]]:
+    """An open temporary file next to ``path`` (``.tmp-<name>-*``, ordinary permissions),
+    flushed and fsync'd on leaving; removed if the body raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results are ordinary files
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f, tmp
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """``with atomic_file(path) as f: f.write(...)`` — readers see the old content or the new.
 
@@ -55,14 +72,9 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     with ``os.replace``, then the folder is fsync'd; on an exception it is removed and ``path``
     is untouched. Missing parent folders are created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results are ordinary files
+    with _temp_beside(path, mode) as (f, tmp):
+        yield f
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,15 +95,9 @@ def atomic_write_files(contents: dict[Path, bytes]) -> None:
     temps: list[tuple[str, Path]] = []
     try:
         for path, data in contents.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
+            with _temp_beside(Path(path)) as (f, tmp):
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
+            temps.append((tmp, Path(path)))
         for tmp, path in temps:
             os.replace(tmp, path)
     except BaseException:

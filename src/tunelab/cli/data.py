@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from tunelab.config.load import load_config
+from tunelab.config.load import flag_overrides, load_config
 from tunelab.config.schema import DataConfig
 
 app = typer.Typer(help="Check, split and preview data files.", no_args_is_help=True)
@@ -26,10 +26,7 @@ _FORMAT = typer.Option(
 def _data_config(config: Path | None, overrides: list[str] | None = None, **flags) -> DataConfig:
     """The config's data section, with command-line flags (when given) and then dotted
     ``overrides`` on top, validated."""
-    from_flags = [
-        f"data.{k}={json.dumps(v, ensure_ascii=False)}" for k, v in flags.items() if v is not None
-    ]
-    return load_config(config, from_flags + list(overrides or [])).data
+    return load_config(config, flag_overrides("data", **flags) + list(overrides or [])).data
 
 
 def _progress(console: Console, quiet: bool) -> Progress:

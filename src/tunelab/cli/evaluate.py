@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tunelab.config.load import flag_overrides
 
 _OUT = typer.Option(Path("eval"), "--out", "-o", help="Evaluations are written to OUT/<name>/.")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
@@ -29,13 +30,6 @@ def _eval_config(config: Path | None, overrides: list[str]):
     from tunelab.config.load import load_config
 
     return load_config(config, overrides)
-
-
-def _flag_overrides(**flags) -> list[str]:
-    # ensure_ascii=False: YAML would turn a JSON surrogate pair (an emoji) into two lone halves
-    return [
-        f"eval.{k}={json.dumps(v, ensure_ascii=False)}" for k, v in flags.items() if v is not None
-    ]
 
 
 def _rating_sheet(runs, folder: Path, prefix: str = "") -> tuple[Path, Path]:
@@ -156,8 +150,8 @@ def eval_command(
         load_target,
     )
 
-    flags = _flag_overrides(
-        data=str(data) if data else None, metric=metric, limit=limit, sheet=sheet
+    flags = flag_overrides(
+        "eval", data=str(data) if data else None, metric=metric, limit=limit, sheet=sheet
     )
     flags += [f"eval.judge.base_url={judge_url}"] if judge_url else []
     flags += [f"eval.judge.model={judge_model}"] if judge_model else []
@@ -238,7 +232,7 @@ def baseline_command(
             raise ConfigError(
                 f"--shots {shots!r}: expected comma-separated integers, e.g. 0,3,5"
             ) from None
-    flags = _flag_overrides(
+    flags = flag_overrides("eval",
         data=str(data), metric=metric, limit=limit, shots=shot_counts, shot_seed=seed,
         instruction=instruction, sheet=sheet,
     )  # fmt: skip

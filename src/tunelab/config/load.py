@@ -9,6 +9,7 @@ allowed: ``run.yaml:7: data.truncation: 'cut' is not allowed (expected one of: d
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, lines, origin)) from None
+
+
+def flag_overrides(section: str, **flags: Any) -> list[str]:
+    """Command-line flags as dotted overrides of ``section`` (flags left unset are skipped).
+    ``ensure_ascii=False``: YAML would turn a JSON surrogate pair (an emoji) into two lone halves."""
+    return [
+        f"{section}.{k}={json.dumps(v, ensure_ascii=False)}"
+        for k, v in flags.items()
+        if v is not None
+    ]
 
 
 def dump_config(config: Config) -> str:

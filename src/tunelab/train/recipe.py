@@ -60,7 +60,6 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
 
 def load(plan: RunPlan) -> torch.nn.Module:
     """The model's weights, on the plan's device in the method's dtype."""
-    torch.manual_seed(plan.cfg.train.seed)
     placement = plan.placement
     try:
         model = load_weights(
