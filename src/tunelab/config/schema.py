@@ -71,11 +71,52 @@ class MethodConfig(Section):
         return self.alpha if self.alpha is not None else 2.0 * self.r
 
 
-class TrainConfig(Section):
-    objective: Literal["sft"] = Field(
-        "sft",
-        description="What is optimised: sft (supervised: weighted next-token loss on the answers).",
+class PreferenceConfig(Section):
+    """Settings of the preference objectives (``train.objective`` dpo, kto, simpo, orpo);
+    ``docs/preference.md`` explains each and where it comes from."""
+
+    beta: float | None = Field(
+        None, gt=0,
+        description="How far the policy may move from the reference (dpo, kto: 0.1) or the "
+        "reward scale (simpo: 2.0). Default: the objective's own.",
+    )  # fmt: skip
+    dpo_loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="dpo: sigmoid (the DPO paper) or ipo (squared, length-normalised: IPO).",
     )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5,
+        description="dpo sigmoid: the share of pairs assumed mislabelled (conservative DPO).",
+    )  # fmt: skip
+    desirable_weight: float | None = Field(
+        None, gt=0,
+        description="kto: weight of answers tagged true. Default: balanced with "
+        "undesirable_weight so both kinds weigh the same in all (the KTO paper's advice).",
+    )  # fmt: skip
+    undesirable_weight: float | None = Field(
+        None, gt=0, description="kto: weight of answers tagged false. Default: balanced."
+    )
+    simpo_gamma: float = Field(
+        1.0, ge=0.0, description="simpo: the target reward margin gamma (gamma/beta = 0.5)."
+    )
+    orpo_lambda: float = Field(
+        0.1, gt=0.0, description="orpo: weight of the odds-ratio term beside the SFT loss."
+    )
+    precompute_ref: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="dpo, kto: reference log-probabilities computed once before training and "
+        "cached in the run folder. auto: on for full/freeze (no frozen copy of the model in "
+        "memory), off for LoRA (the reference is the base with the adapter disabled).",
+    )
+
+
+class TrainConfig(Section):
+    objective: Literal["sft", "dpo", "kto", "simpo", "orpo"] = Field(
+        "sft",
+        description="What is optimised: sft (weighted next-token loss on the answers); dpo, "
+        "simpo, orpo (preference pairs); kto (answers tagged good or bad). See train.preference.",
+    )
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")

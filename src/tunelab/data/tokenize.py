@@ -49,6 +49,9 @@ class TokenizedExample:
     example: Example
     seq: Encoded  # the conversation (preference: prompt + chosen)
     rejected: Encoded | None = None  # preference: prompt + rejected
+    # Filled by a preference objective before training (tunelab.train.objectives):
+    kl: Encoded | None = None  # kto: this prompt with another example's answer (the KL estimate)
+    ref: tuple[float, ...] | None = None  # reference log-probabilities of the rows it scores
 
 
 @dataclass

@@ -107,6 +107,54 @@ def causal_lm_nll_sum(
     )
 
 
+def chunked_head_logps(hidden, head, softcap, targets, chunk: int) -> torch.Tensor:
+    """log p(target) for each row of ``hidden`` [N, d], ``chunk`` rows of logits at a time
+    (recomputed in the backward pass, like :func:`chunked_head_nll_sum`)."""
+
+    def piece(h, t):
+        logits = head(h).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return -F.cross_entropy(logits, t, reduction="none")
+
+    parts = []
+    for i in range(0, hidden.shape[0], chunk):
+        args = (hidden[i : i + chunk], targets[i : i + chunk])
+        use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+        parts.append(
+            checkpoint(piece, *args, use_reentrant=False) if use_checkpoint else piece(*args)
+        )
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = HEAD_CHUNK,
+) -> torch.Tensor:
+    """[B, T-1] fp32: log p(token_t | tokens_<t) at every target t where ``targets[:, t]`` is
+    true, 0 elsewhere — what the preference objectives sum per sequence. Logits are computed
+    only for those targets, ``chunk`` rows at a time."""
+    keep = targets[:, 1:].bool()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids, use_cache=False)  # fmt: skip
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=input_ids.device)
+    parts = split_head(model)
+    if parts is None:
+        logits = model(**inputs).logits[:, :-1][keep].float()
+        picked = -F.cross_entropy(logits, input_ids[:, 1:][keep], reduction="none")
+    else:
+        decoder, head, softcap = parts
+        hidden = decoder(**inputs).last_hidden_state
+        picked = chunked_head_logps(
+            hidden[:, :-1][keep], head, softcap, input_ids[:, 1:][keep], chunk
+        )
+    return out.masked_scatter(keep, picked)
+
+
 def perplexity(loss: float | None) -> float | None:
     """exp(loss per token); inf for a loss too large to exponentiate, None for no loss."""
     if loss is None:

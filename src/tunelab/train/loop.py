@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tunelab.checkpoint.manager import CheckpointManager
@@ -115,7 +116,7 @@ def optimizer_step(run: Run) -> dict:
         "step": step + 1, "order": zlib.crc32(repr(micro).encode()),
         "epoch": round(epoch + (step % per_epoch + 1) / per_epoch, 4), "loss": loss, "lr": lr,
         "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
-        **({} if ok else {"nan_skipped": True}),
+        **plan.objective.pop_stats(), **({} if ok else {"nan_skipped": True}),
     }  # fmt: skip
 
 
@@ -130,10 +131,20 @@ def accumulate(
     total = 0.0
     for b in batches:
         with autocast():
-            loss = objective.loss_sum(model, b) / step_weight
+            loss = normalise(objective.loss_sum(model, b), step_weight)
         (scaler.scale(loss) if scaler else loss).backward()
         total += float(loss.detach())
     return total
+
+
+def normalise(loss_sum: torch.Tensor, weight) -> torch.Tensor:
+    """``loss_sum / weight``; for an objective with several terms (a vector of sums and of
+    weights) each term by its own weight, then added."""
+    if isinstance(weight, np.ndarray):
+        return (
+            loss_sum / torch.as_tensor(weight, dtype=loss_sum.dtype, device=loss_sum.device)
+        ).sum()
+    return loss_sum / weight
 
 
 def _clip(run: Run) -> float:
@@ -201,7 +212,7 @@ def evaluate_at_start(run: Run) -> None:
     loss = validation_loss(run)
     run.state.initial_eval_loss = loss
     run.state.observe_eval(loss)
-    log_step(run, {"step": 0, "eval_loss": loss, "eval_ppl": perplexity(loss)})
+    log_step(run, eval_record(run, 0, loss))
     if run.plan.keep == "best":
         save_checkpoint(run, loss)
 
@@ -214,10 +225,20 @@ def evaluate_due(run: Run) -> tuple[float | None, bool, bool]:
         return None, False, False
     loss = validation_loss(run)
     improved = state.observe_eval(loss)
-    log_step(run, {"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)})
+    log_step(run, eval_record(run, state.step, loss))
     patience = plan.cfg.train.early_stopping_patience
     stop = bool(patience) and state.evals_without_improvement >= patience and not done
     return loss, improved, stop
+
+
+def eval_record(run: Run, step: int, loss: float | None) -> dict:
+    """The log record of an evaluation: the loss (and perplexity, where the loss is an NLL)
+    and the objective's statistics on the validation set (rewards, margin, accuracy...)."""
+    objective = run.plan.objective
+    record = {"step": step, "eval_loss": loss}
+    if getattr(objective, "reports_perplexity", False):
+        record["eval_ppl"] = perplexity(loss)
+    return record | {f"eval_{k}": v for k, v in objective.pop_stats().items()}
 
 
 def checkpoint_due(run: Run, eval_loss: float | None, improved: bool, stopping: bool) -> None:
@@ -262,7 +283,10 @@ def _validation_loss(run: Run) -> float | None:
         for i in range(0, len(plan.val), size):
             batch = plan.objective.collate(plan.val[i : i + size], pad).to(device)
             with run.autocast():
-                total += float(plan.objective.loss_sum(run.model, batch))
+                loss_sum = plan.objective.loss_sum(run.model, batch)
+            total += loss_sum.double().cpu().numpy() if loss_sum.ndim else float(loss_sum)
             weight += plan.objective.weight(batch)
     run.model.train()
-    return total / weight if weight else None
+    if not np.all(np.asarray(weight) > 0):
+        return None
+    return float(np.sum(total / weight))

@@ -66,6 +66,7 @@ class RunPlan:
     keep: str  # best | last: which weights final/ holds
     fingerprint: dict
     notes: list[str] = field(default_factory=list)  # resume decisions worth telling the user
+    objective_notes: list[str] = field(default_factory=list)  # what the objective decided
 
     @property
     def fresh(self) -> bool:
@@ -99,7 +100,7 @@ class RunPlan:
                        f"{str(self.placement.weight_dtype(self.method.trains_base)).removeprefix('torch.')}, "
                        f"compute in {str(self.placement.autocast_dtype or 'torch.float32').removeprefix('torch.')}"),
             ("method", self.method.describe()),
-            ("objective", self.objective.name),
+            ("objective", self.objective.name + _objective_settings(c)),
             ("data", f"{len(self.train)} train / {len(self.val)} validation examples"
                      + (f" ({self.truncation()})" if self.truncation() else "")),
             ("tokens", f"{self.train_tokens:,} train (median {lengths[len(lengths) // 2]}, max "
@@ -115,6 +116,9 @@ class RunPlan:
             ("fingerprint", ", ".join(f"{k}={v}" for k, v in self.fingerprint.items()
                                       if k in ("model", "data.path", "data.val_path"))),
         ]  # fmt: skip
+        if self.objective.uses_reference:
+            rows.append(("reference", describe_reference(self)))
+        rows += [("objective", note) for note in self.objective_notes]
         rows += [("resume", note) for note in self.notes]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -136,6 +140,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     model_config = load_model_config(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
     train, val, dropped, truncated = _datasets(cfg, tokenizer, examples, val_examples)
+    objective_notes = objective.prepare(train, val, cfg)
     # every data check is done: only now are the weights hashed (to fingerprint the run)
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
     checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
@@ -151,7 +156,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         truncated=truncated,
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
-        notes=notes,
+        notes=notes, objective_notes=objective_notes,
     )  # fmt: skip
 
 
@@ -261,6 +266,40 @@ def _datasets(cfg: Config, tokenizer, examples, val_examples):
                     f"(train.micro_batch_size={cfg.train.micro_batch_size})")
         )  # fmt: skip
     return report.examples, val, dict(report.dropped), report.truncated
+
+
+REFERENCE_FILE = "reference_logps.json"  # precomputed reference log-probabilities
+
+
+def precomputes(plan: RunPlan) -> bool:
+    setting = plan.cfg.train.preference.precompute_ref
+    return setting == "on" or (setting == "auto" and plan.method.trains_base)
+
+
+def describe_reference(plan: RunPlan) -> str:
+    if not plan.objective.uses_reference:
+        return "none (the objective needs none)"
+    if precomputes(plan):
+        return f"precomputed once before training, cached in {REFERENCE_FILE}"
+    if plan.method.trains_base:
+        return "a frozen copy of the model (precompute_ref=off: twice the weights in memory)"
+    return "the base with the adapter disabled (no second copy)"
+
+
+#: The train.preference settings each objective reads (shown by --dry-run).
+OBJECTIVE_SETTINGS = {
+    "dpo": ("beta", "dpo_loss", "label_smoothing", "precompute_ref"),
+    "kto": ("beta", "desirable_weight", "undesirable_weight", "precompute_ref"),
+    "simpo": ("beta", "simpo_gamma", "label_smoothing"),
+    "orpo": ("orpo_lambda",),
+}
+
+
+def _objective_settings(cfg: Config) -> str:
+    keys = OBJECTIVE_SETTINGS.get(cfg.train.objective, ())
+    p = cfg.train.preference
+    shown = [f"{k}={getattr(p, k)}" for k in keys if getattr(p, k) is not None]
+    return f" ({', '.join(shown)})" if shown else ""
 
 
 def _keep(cfg: Config, val: list) -> str:

@@ -26,7 +26,8 @@ from tunelab.models.methods import count_parameters
 from tunelab.train.guards import TrainingStopped, is_oom, out_of_memory_message
 from tunelab.train.loop import TRAINED_FOLDER, Run, train_loop
 from tunelab.train.optim import Schedule, build_optimizer
-from tunelab.train.plan import RunPlan
+from tunelab.train.plan import RunPlan, describe_reference
+from tunelab.train.reference import setup_reference
 from tunelab.train.report import MetricsLog, plot_losses, write_summary
 from tunelab.train.state import Outcome, TrainState
 
@@ -39,6 +40,7 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
         atomic_write_text(plan.run_dir / "config.yaml", dump_config(plan.cfg))
     torch.manual_seed(plan.cfg.train.seed)  # adapters initialise the same way, however loaded
     model = plan.method.apply(model)
+    setup_reference(plan, model, log)  # the model before training (before a resume restores)
     t = plan.cfg.train
     optimizer = build_optimizer(
         plan.method.optimizer_parameters(model), t, plan.placement.device.type
@@ -95,8 +97,10 @@ def announce(run: Run, log=print) -> None:
     plan = run.plan
     trainable, total = count_parameters(run.model)
     t = plan.cfg.train
-    for note in plan.notes:
+    for note in plan.notes + plan.objective_notes:
         log(note)
+    if plan.objective.uses_reference:
+        log(f"reference model: {describe_reference(plan)}")
     log(
         f"run folder: {plan.run_dir}\n"
         f"model {plan.cfg.model.name} on {plan.placement.describe()}, method {plan.method.describe()}: "

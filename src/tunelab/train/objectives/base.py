@@ -12,8 +12,19 @@ The loop divides every micro-batch's sum by the total weight of the whole step b
 
     step loss = sum over the step's tokens of w_t * NLL_t  /  sum over the step's tokens of w_t
 
-whatever the micro-batch size and number of accumulation steps (RELIABILITY 1 and 2). The loop
-knows nothing else about the objective.
+whatever the micro-batch size and number of accumulation steps (RELIABILITY 1 and 2). An
+objective with two terms of different units (ORPO: tokens and pairs) returns a vector of sums
+from ``loss_sum`` and the matching vector of weights; each term is normalised on its own and
+the terms are added.
+
+The preference objectives add:
+
+* ``uses_reference``: whether the loss compares with a reference model; ``reference`` is the
+  function that scores rows with it when its log-probabilities are not precomputed, and
+  ``ref_rows(example)`` the rows whose reference log-probabilities are precomputed;
+* ``prepare(train, val, cfg)``: per-dataset setup before training (KTO's weights and its
+  mismatched answers), returning notes for the user;
+* ``pop_stats()``: rewards, margin, accuracy... averaged since the last call (logged).
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ from tunelab.data.tokenize import TokenizedExample
 
 class Objective(Protocol):
     name: str
+    uses_reference: bool
+    reference: object  # (model, rows) -> log-probabilities, set by the recipe; None for SFT
 
     def check_data(self, examples: Sequence[Example]) -> None: ...
 
@@ -37,3 +50,11 @@ class Objective(Protocol):
     def weight(self, batch) -> float: ...
 
     def loss_sum(self, model: torch.nn.Module, batch) -> torch.Tensor: ...
+
+    def prepare(
+        self, train: list[TokenizedExample], val: list[TokenizedExample], cfg
+    ) -> list[str]: ...
+
+    def ref_rows(self, example: TokenizedExample) -> list: ...
+
+    def pop_stats(self) -> dict[str, float]: ...

@@ -17,19 +17,31 @@ from tunelab.models.nll import HEAD_CHUNK, causal_lm_nll_sum, target_weights
 REFUSED = {
     "preference": "a preference pair (prompt, chosen, rejected) cannot be trained with "
     "train.objective=sft: the rejected answer would be dropped silently. Preference pairs "
-    "need a preference objective (DPO/SimPO/ORPO; not in this version of tunelab), or keep "
+    "need a preference objective (train.objective=dpo, simpo or orpo), or keep "
     "only the chosen answers as an alpaca/chat file",
     "kto": "a KTO record (with kto_tag) cannot be trained with train.objective=sft: answers "
-    "tagged false would be learned as good ones. KTO records need the KTO objective (not in "
-    "this version of tunelab), or keep only the kto_tag true records, without the tag",
+    "tagged false would be learned as good ones. KTO records need train.objective=kto, "
+    "or keep only the kto_tag true records, without the tag",
 }
 
 
 class SFT:
     name = "sft"
+    uses_reference = False
+    reports_perplexity = True  # its loss is an NLL per token
 
     def __init__(self, chunk: int = HEAD_CHUNK):
         self.chunk = chunk
+        self.reference = None
+
+    def prepare(self, train, val, cfg) -> list[str]:
+        return []
+
+    def ref_rows(self, example: TokenizedExample) -> list:
+        return []
+
+    def pop_stats(self) -> dict[str, float]:
+        return {}
 
     def check_data(self, examples: Sequence[Example]) -> None:
         for e in examples:
