@@ -84,6 +84,21 @@ def _judge(cfg):
     return None
 
 
+def _refuse_generation_settings(cfg) -> None:
+    """Settings that score generated answers mean nothing for preference pairs: an error rather
+    than a metric silently missing from the evaluation."""
+    from tunelab.errors import ConfigError
+
+    for key, value in (("eval.metric", cfg.eval.metric), ("eval.judge.model", cfg.eval.judge.model),
+                       ("eval.judge.base_url", cfg.eval.judge.base_url)):  # fmt: skip
+        if value:
+            raise ConfigError(
+                f"{key}: {value!r} scores generated answers, but eval.data {cfg.eval.data} holds "
+                "preference pairs, which are scored by log-probability without generating: "
+                "drop the setting, or evaluate a file of conversations"
+            )
+
+
 def _placement_override(cfg):
     """The model settings to load with when model.precision or model.device was given (in the
     YAML or as an override); None: a run's own settings (or auto for a plain model)."""
@@ -99,16 +114,26 @@ def _slug(text: str) -> str:
     )
 
 
+_SHOWN = ("exact_match", "json_equal", "task", "bleu", "rougeL", "loss", "judge",
+          "preference_accuracy", "preference_accuracy_sum")  # fmt: skip
+
+
+def _interval(ci) -> str:
+    """`` [lo, hi]`` of a metric's 95 % interval in metrics.json (``<metric>_ci95``), if any."""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list) and len(ci) == 2 else ""
+
+
 def _show(meta: dict, folder: Path, console: Console) -> None:
     m = meta["metrics"]
     shown = ", ".join(
-        f"{k} {v:.3f}"
+        f"{k} {v:.3f}" + _interval(m.get(f"{k}_ci95"))
         for k, v in m.items()
-        if isinstance(v, float)
-        and k in ("exact_match", "json_equal", "task", "bleu", "rougeL", "loss", "judge")
+        if isinstance(v, float) and k in _SHOWN
     )
+    what = "pairs" if meta.get("kind") == "preference" else "examples"
     console.print(
-        f"{meta['name']}: {meta['examples']} examples, {shown} ({meta['seconds']:.0f} s) -> {folder}"
+        f"{meta['name']}: {meta['examples']} {what}, {shown} ({meta['seconds']:.0f} s) -> {folder}",
+        soft_wrap=True,
     )
     for failure in meta.get("judge_failures", [])[:5]:
         console.print(f"[yellow]judge failure:[/] {failure}")
@@ -142,13 +167,10 @@ def eval_command(
     config: Path | None = _CONFIG,
     quiet: bool = _QUIET,
 ) -> None:
-    """Generate answers for a held-out set and score them (exact, JSON, BLEU, ROUGE, loss, yours, judge)."""
-    from tunelab.evaluate.run import (
-        check_metric_ran,
-        evaluate_examples,
-        load_eval_examples,
-        load_target,
-    )
+    """Generate answers for a held-out set and score them (exact, JSON, BLEU, ROUGE, loss, yours, judge);
+    for preference pairs: which answer the model finds more likely (preference accuracy)."""
+    from tunelab.evaluate.preference import evaluate_pairs, load_eval_data
+    from tunelab.evaluate.run import check_metric_ran, evaluate_examples, load_target
 
     flags = flag_overrides(
         "eval", data=str(data) if data else None, metric=metric, limit=limit, sheet=sheet
@@ -160,7 +182,9 @@ def eval_command(
         from tunelab.errors import ConfigError
 
         raise ConfigError("eval.data: missing (pass --data TEST_FILE)")
-    examples = load_eval_examples(cfg.eval.data, cfg.data, cfg.eval.limit)
+    pairs, examples = load_eval_data(cfg.eval.data, cfg.data, cfg.eval.limit)
+    if pairs:
+        _refuse_generation_settings(cfg)
     if cfg.eval.metric:
         from tunelab.evaluate.metrics import load_user_metric
 
@@ -170,13 +194,23 @@ def eval_command(
     loaded = load_target(target, _placement_override(cfg))
     label = name or _slug(target)
     with _progress(quiet) as progress:
-        task = progress.add_task(f"generating ({label})", total=len(examples))
-        meta = evaluate_examples(
-            loaded, examples, cfg.eval, out, name=label, data_label=str(cfg.eval.data),
-            on_progress=lambda n: progress.advance(task, n), judge=judge,
-        )  # fmt: skip
+        task = progress.add_task(f"{'scoring pairs' if pairs else 'generating'} ({label})", total=len(examples))  # fmt: skip
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+
+        if pairs:
+            meta = evaluate_pairs(loaded, examples, cfg.eval, out, name=label,
+                                  data_label=str(cfg.eval.data), data_cfg=cfg.data, on_progress=advance)  # fmt: skip
+        else:
+            meta = evaluate_examples(
+                loaded, examples, cfg.eval, out, name=label, data_label=str(cfg.eval.data),
+                on_progress=advance, judge=judge,
+            )  # fmt: skip
     _show(meta, out / label, console)
-    if cfg.eval.sheet:
+    if cfg.eval.sheet and pairs:
+        console.print("no rating sheet: preference pairs are scored, nothing was generated to rate")
+    elif cfg.eval.sheet:
         from tunelab.evaluate.compare import load_eval
 
         paths = _rating_sheet([load_eval(out / label)], out / label)

@@ -102,11 +102,12 @@ class PreferenceConfig(Section):
     orpo_lambda: float = Field(
         0.1, gt=0.0, description="orpo: weight of the odds-ratio term beside the SFT loss."
     )
-    precompute_ref: Literal["auto", "on", "off"] = Field(
+    precompute_ref: Literal["auto"] | bool = Field(
         "auto",
         description="dpo, kto: reference log-probabilities computed once before training and "
-        "cached in the run folder. auto: on for full/freeze (no frozen copy of the model in "
-        "memory), off for LoRA (the reference is the base with the adapter disabled).",
+        "cached in the run folder (true), or computed at every step (false: the base with the "
+        "LoRA adapter disabled, or a frozen copy for full/freeze). auto: true for full/freeze "
+        "(no second copy of the model in memory), false for LoRA (no copy either way).",
     )
 
 

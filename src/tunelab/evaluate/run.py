@@ -47,6 +47,13 @@ def load_eval_examples(
     from tunelab.data.pipeline import load_examples
 
     examples = load_examples(path, data_cfg or DataConfig())
+    check_conversations(examples)
+    return examples[:limit] if limit else examples
+
+
+def check_conversations(examples: Sequence[Example]) -> None:
+    """A :class:`~tunelab.errors.DataError` at the first record generation cannot evaluate
+    (one that is not a prompt with a reference answer)."""
     bad = [e for e in examples if e.format not in CONVERSATION_FORMATS]
     if bad:
         e = bad[0]
@@ -55,7 +62,6 @@ def load_eval_examples(
                     f"a {e.format} record cannot be evaluated by generation "
                     f"(expected one of: {', '.join(CONVERSATION_FORMATS)}: a prompt and a reference answer)")
         )  # fmt: skip
-    return examples[:limit] if limit else examples
 
 
 def pick_shots(
@@ -98,8 +104,10 @@ def conversation(
 def prompt_hash(example: Example) -> str:
     """16 hex digits of SHA-256 over the example's own turns before its reply (roles and
     contents, system included; no shots, no ``eval.instruction``): what ``tunelab compare``
-    aligns evaluations by, so the test file's path and position do not matter."""
-    turns = [[m.role, m.content] for m in example.messages[:-1]]
+    aligns evaluations by, so the test file's path and position do not matter. A preference
+    pair's turns are its prompt (its messages hold no reply)."""
+    own = example.messages if example.format == "preference" else example.messages[:-1]
+    turns = [[m.role, m.content] for m in own]
     text = json.dumps(turns, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -209,11 +217,13 @@ def evaluate_examples(
         "generation": options.__dict__, "seconds": round(time.perf_counter() - started, 1),
         "generation_seconds": round(gen_seconds, 1),
     }  # fmt: skip
-    _write(out_dir / name, records, meta)
+    write_evaluation(out_dir / name, records, meta)
     return meta
 
 
-def _write(folder: Path, records: list[dict], meta: dict) -> None:
+def write_evaluation(folder: Path, records: list[dict], meta: dict) -> None:
+    """``folder/predictions.jsonl`` and ``folder/metrics.json``, all or nothing (the folder is
+    written aside and renamed into place)."""
     with atomic_folder(folder) as tmp:
         (tmp / "predictions.jsonl").write_text(jsonl_text(records), encoding="utf-8")
         (tmp / "metrics.json").write_text(

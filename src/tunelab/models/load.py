@@ -41,6 +41,8 @@ def resolve_model(name: str) -> Path | str:
     if name in catalog.CATALOG:
         return catalog.pull(name)
     path = Path(name).expanduser()
+    if is_run(path):
+        return run_final(path)
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
@@ -63,6 +65,38 @@ def resolve_model(name: str) -> Path | str:
         )
     _check_hub(name)
     return name
+
+
+# -- a finished run as a model ---------------------------------------------------------------
+RUN_CONFIG = "config.yaml"  # what makes a folder a tunelab run folder
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_run(path: Path) -> bool:
+    return (path / RUN_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def run_final(path: Path) -> Path:
+    """The weights a run folder ends with: its final/ folder (a full model, or an adapter)."""
+    final = path / "final"
+    if not (final / "config.json").is_file() and not (final / ADAPTER_CONFIG).is_file():
+        raise ModelError(
+            f"{path}: a run folder without finished weights (no final/ model or adapter: "
+            "is it still running? resume it with --resume)"
+        )
+    return final
+
+
+def run_adapter(name: str) -> tuple[str, Path] | None:
+    """(the base model's name, the adapter folder) when ``name`` is a run folder that ended as
+    a LoRA adapter; None otherwise. The run's base is read from its config.yaml, so a run that
+    continued another run resolves down to the first base."""
+    path = Path(name).expanduser()
+    if not is_run(path) or not (run_final(path) / ADAPTER_CONFIG).is_file():
+        return None
+    from tunelab.config.load import load_config
+
+    return load_config(path / RUN_CONFIG).model.name, path / "final"
 
 
 #: Endings of files a user may pass by mistake; hub ids never end in these.
@@ -163,7 +197,10 @@ def load_model_config(name: str) -> dict:
     """The model's ``config.json`` as a dict (architecture and sizes): no weights, and none of
     transformers' model modules imported (a second saved on a dry run). A local folder without
     any weight file is refused here, before anything else is done (its files are listed, not
-    read)."""
+    read). A run folder that ended as an adapter has its base model's config."""
+    adapter = run_adapter(name)
+    if adapter is not None:
+        return load_model_config(adapter[0])
     source = resolve_model(name)
     if isinstance(source, Path):
         if not any(p.suffix in WEIGHT_SUFFIXES for p in source.iterdir()):
@@ -207,9 +244,14 @@ def load_weights(
     quantize_bits: int | None = None,
 ):
     """Load the causal LM ``name`` resolves to. ``quantize_bits`` 4 or 8 loads the weights with
-    bitsandbytes (QLoRA; CUDA only, checked before anything is loaded)."""
+    bitsandbytes (QLoRA; CUDA only, checked before anything is loaded). A run folder that ended
+    as a LoRA adapter loads as its base with the adapter merged in (the model the run made)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+
+    adapter = run_adapter(name)
+    if adapter is not None:
+        return _merged(*adapter, dtype=dtype, device=device, quantize_bits=quantize_bits)
 
     quantization = _bnb_config(quantize_bits, device) if quantize_bits else None
     source = resolve_model(name)
@@ -238,6 +280,21 @@ def load_weights(
     if quantization is None:
         model.to(device)
     return model
+
+
+def _merged(base: str, adapter: Path, *, dtype, device: str, quantize_bits: int | None):
+    from peft import PeftModel
+
+    from tunelab.models.methods.lora import merge_and_unload
+
+    if quantize_bits:
+        raise ModelError(
+            f"{adapter.parent}: a LoRA run cannot be the base of a QLoRA run (merging into 4/8-bit "
+            "weights loses the adapter's precision): continue with method.name=lora, or merge it "
+            "into a full model folder first"
+        )
+    model = load_weights(base, dtype=dtype, device=device)
+    return merge_and_unload(PeftModel.from_pretrained(model, adapter))
 
 
 def _bnb_config(bits: int, device: str):
@@ -324,7 +381,16 @@ def model_fingerprint(name: str, *, read_weights: bool = True) -> str:
     file is read again). For a hub id it is the id itself.
 
     ``read_weights=False`` never opens a weight file (for a dry run): it hashes config.json and
-    the weight files' names and sizes only, and says so with a ``shallow:`` prefix."""
+    the weight files' names and sizes only, and says so with a ``shallow:`` prefix. A run that
+    ended as an adapter: its base's fingerprint and the adapter's files."""
+    adapter = run_adapter(name)
+    if adapter is not None:
+        digest = hashlib.sha256(model_fingerprint(adapter[0], read_weights=read_weights).encode())
+        for path in sorted(adapter[1].iterdir()):
+            if path.suffix in WEIGHT_SUFFIXES or path.name == ADAPTER_CONFIG:
+                content = _file_sha256(path) if read_weights else ""
+                digest.update(f"\0{path.name}\0{path.stat().st_size}\0{content}".encode())
+        return digest.hexdigest()[:16] if read_weights else f"shallow:{digest.hexdigest()[:16]}"
     source = resolve_model(name)
     if isinstance(source, str):
         return hashlib.sha256(f"hub:{source}".encode()).hexdigest()[:16]

@@ -1,6 +1,7 @@
 """Load what a finished run folder holds — its base model with the adapter merged, or its full
 weights — or any model, as one :class:`LoadedModel`. Evaluation uses it today; export, serving
-and chat use the same function."""
+and chat use the same function. (A run folder is a model name like any other to
+:func:`tunelab.models.load.load_weights`; this adds its settings and a label.)"""
 
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ from pathlib import Path
 import torch
 
 from tunelab.config.schema import ModelConfig
-from tunelab.errors import TunelabError
 from tunelab.models.device import choose_placement
-from tunelab.models.load import load_model
-
-ADAPTER_CONFIG = "adapter_config.json"
+from tunelab.models.load import RUN_CONFIG, load_model, run_adapter, run_final
 
 
 @dataclass
@@ -26,7 +24,7 @@ class LoadedModel:
 
 
 def is_run_folder(path: str | Path) -> bool:
-    return (Path(path) / "config.yaml").is_file()
+    return (Path(path) / RUN_CONFIG).is_file()
 
 
 def load_run(target: str | Path, model_cfg: ModelConfig | None = None) -> LoadedModel:
@@ -38,24 +36,15 @@ def load_run(target: str | Path, model_cfg: ModelConfig | None = None) -> Loaded
     path = Path(target)
     if not is_run_folder(path):
         return _load(str(target), model_cfg or ModelConfig(), label=str(target))
-    run_cfg = load_config(path / "config.yaml")
-    final = path / "final"
-    if not final.is_dir():
-        raise TunelabError(
-            f"{path}: this run has no final/ folder yet (unfinished? resume it with --resume)"
-        )
+    run_cfg = load_config(path / RUN_CONFIG)
+    run_final(path)  # a clear error for an unfinished run, before anything loads
+    adapter = run_adapter(str(path))
     settings = model_cfg or run_cfg.model
-    if not (final / ADAPTER_CONFIG).is_file():
-        return _load(str(final), settings, label=f"{path.name} (full)")
-    from peft import PeftModel
-
-    from tunelab.models.methods.lora import merge_and_unload
-    from tunelab.models.tokenizer import load_tokenizer
-
-    base = _load(run_cfg.model.name, settings, label="")
-    model = merge_and_unload(PeftModel.from_pretrained(base.model, final))
-    label = f"{run_cfg.model.name} + {path.name}"
-    return LoadedModel(model.eval(), load_tokenizer(str(final)), label, str(final))
+    if adapter is None:
+        return _load(str(path), settings, label=f"{path.name} (full)")
+    loaded = _load(str(path), settings, label=f"{run_cfg.model.name} + {path.name}")
+    loaded.adapter = str(adapter[1])
+    return loaded
 
 
 def _load(name: str, settings: ModelConfig, *, label: str) -> LoadedModel:

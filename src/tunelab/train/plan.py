@@ -273,7 +273,7 @@ REFERENCE_FILE = "reference_logps.json"  # precomputed reference log-probabiliti
 
 def precomputes(plan: RunPlan) -> bool:
     setting = plan.cfg.train.preference.precompute_ref
-    return setting == "on" or (setting == "auto" and plan.method.trains_base)
+    return setting is True or (setting == "auto" and plan.method.trains_base)
 
 
 def describe_reference(plan: RunPlan) -> str:
@@ -282,7 +282,7 @@ def describe_reference(plan: RunPlan) -> str:
     if precomputes(plan):
         return f"precomputed once before training, cached in {REFERENCE_FILE}"
     if plan.method.trains_base:
-        return "a frozen copy of the model (precompute_ref=off: twice the weights in memory)"
+        return "a frozen copy of the model (precompute_ref=false: twice the weights in memory)"
     return "the base with the adapter disabled (no second copy)"
 
 

@@ -1,11 +1,11 @@
 """The reference model of DPO and KTO, without a second copy of the weights where possible.
 
-    precompute_ref on             one pass over the training and validation rows before the
+    precompute_ref true           one pass over the training and validation rows before the
                                   first step; the log-probabilities are cached in the run folder
                                   (reference_logps.json) and reused on resume
-    LoRA / QLoRA, precompute off  the model itself with its adapter disabled (peft's
+    LoRA / QLoRA, precompute false the model itself with its adapter disabled (peft's
                                   ``disable_adapter``): the base, no copy
-    full / freeze, precompute off a frozen copy of the model made before the first step
+    full / freeze, precompute false: a frozen copy of the model made before the first step
 
 ``precompute_ref: auto`` precomputes for full and freeze training (a frozen copy would double
 the weights in memory) and uses the adapter-disabled base for LoRA (no copy, no file).
