@@ -12,6 +12,8 @@ run produce byte-identical files. Output paths are relative to this script's fol
     kto.jsonl             KTO rows (instruction, output, kto_tag)
     small.csv             Alpaca rows as CSV
     general/general.jsonl short factual questions for a forgetting check
+    prefer/*.jsonl        the preference example: SFT records, then pairs (correct JSON
+                          preferred over a wrong field or chatter) for train/val/test
     bad/*.jsonl           deliberately broken files for documentation and tests
 """
 
@@ -395,6 +397,69 @@ def make_extract(rng: random.Random) -> dict[str, list[dict]]:
             if shared:
                 sys.exit(f"error: {len(shared)} texts appear in both {names[a]} and {names[b]}")
     return splits
+
+
+# --------------------------------------------------------------------------- preference task
+# Built on the extraction task: the chosen answer is the correct JSON; the rejected one is a
+# plausible mistake of a small model (a field wrong in one of the ways the task is hard) or
+# the right JSON buried in chatter, which strict JSON equality scores as wrong.
+
+PREFER_SIZES = {"sft": 100, "train": 200}  # from extract/train.jsonl, in order, disjoint
+
+
+def _ramble(answer: dict, rng: random.Random) -> str:
+    opening = rng.choice(["Sure! Here is the extracted information:", "Of course. The JSON is:",
+                          "Here you go:", "I have extracted the details below."])  # fmt: skip
+    closing = rng.choice(["Let me know if you need anything else!", "Hope this helps.",
+                          "Is there anything else I can help with?", ""])  # fmt: skip
+    return f"{opening}\n{_dumps(answer)}\n{closing}".strip()
+
+
+def _wrong_field(answer: dict, rng: random.Random) -> dict | None:
+    """The answer with one field wrong in a way the task makes likely; None if none applies."""
+    wrong = dict(answer)
+    options = ["quantity", "quantity_text"]
+    if not answer["product"].endswith("s"):
+        options.append("plural")
+    options += [k for k in ("name", "city", "phone") if answer[k] is None]  # null -> made up
+    options += [k + "_dropped" for k in ("city", "phone") if answer[k] is not None]
+    if answer["name"] and " " in answer["name"]:
+        options.append("first_name")
+    choice = rng.choice(options)
+    q = answer["quantity"]
+    if choice == "quantity":
+        wrong["quantity"] = rng.choice([q + 1, q * 2, 1]) if q != 1 else 2
+    elif choice == "quantity_text":
+        wrong["quantity"] = str(q)
+    elif choice == "plural":
+        wrong["product"] = answer["product"] + "s"
+    elif choice in ("name", "city", "phone"):
+        wrong[choice] = rng.choice(["unknown", "", "N/A"])
+    elif choice.endswith("_dropped"):
+        wrong[choice.removesuffix("_dropped")] = None
+    else:
+        wrong["name"] = answer["name"].split()[0]
+    return wrong if wrong != answer else None
+
+
+def _pair(record: dict, rng: random.Random) -> dict:
+    prompt = record["messages"][:-1]
+    answer = json.loads(record["messages"][-1]["content"])
+    wrong = _wrong_field(answer, rng) if rng.random() < 0.6 else None
+    rejected = _dumps(wrong) if wrong is not None else _ramble(answer, rng)
+    return {"prompt": prompt, "chosen": _dumps(answer), "rejected": rejected}
+
+
+def make_prefer(splits: dict[str, list[dict]], rng: random.Random) -> dict[str, list[dict]]:
+    """sft.jsonl (chat records for the SFT stage), then preference pairs: train (from the
+    extraction training records after those), val and test (from the extraction val and test)."""
+    n_sft, n_train = PREFER_SIZES["sft"], PREFER_SIZES["train"]
+    return {
+        "sft": splits["train"][:n_sft],
+        "train": [_pair(r, rng) for r in splits["train"][n_sft : n_sft + n_train]],
+        "val": [_pair(r, rng) for r in splits["val"]],
+        "test": [_pair(r, rng) for r in splits["test"]],
+    }
 
 
 EXTRACT_README = """\
@@ -788,6 +853,8 @@ def main() -> None:
         HERE / "general" / "general.jsonl", make_general(random.Random(rng.randrange(2**32)))
     )
     make_bad(HERE / "bad")
+    for name, rows in make_prefer(splits, random.Random(rng.randrange(2**32))).items():
+        _write_jsonl(HERE / "prefer" / f"{name}.jsonl", rows)
     print(f"wrote examples under {HERE}")
 
 

@@ -88,10 +88,18 @@ def _records(path: Path) -> Iterator[tuple[int, str, dict]]:
 # ---- loss plot ---------------------------------------------------------------------------
 
 
+#: Panels a preference run adds under the loss: (train key, eval key, label).
+PREFERENCE_PANELS = (
+    ("margin", "eval_margin", "reward margin\n(chosen - rejected)"),
+    ("reward_accuracy", "eval_reward_accuracy", "reward accuracy"),
+)
+
+
 def plot_losses(records: list[dict], out_png: Path, *, title: str = "Training") -> Path:
     """Train loss per step (``loss``), eval loss (``eval_loss``) and, below, the learning rate
-    (``lr``), against ``step``. Linear axes; with more than 50 train points the raw curve is
-    drawn faint under a smoothed one. Written atomically."""
+    (``lr``), against ``step``; a preference run adds its reward margin and reward accuracy
+    panels (train and eval) between them. Linear axes; with more than 50 train points the raw
+    curve is drawn faint under a smoothed one. Written atomically."""
     # The object-oriented API with the Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -99,40 +107,38 @@ def plot_losses(records: list[dict], out_png: Path, *, title: str = "Training") 
     train = _series(records, "loss")
     evals = _series(records, "eval_loss")
     lrs = _series(records, "lr")
+    panels = [
+        (label, _series(records, k), _series(records, ek)) for k, ek, label in PREFERENCE_PANELS
+    ]
+    panels = [p for p in panels if p[1] or p[2]]
 
-    fig = Figure(figsize=(8, 5.5 if lrs else 4.5), layout="constrained")
+    ratios = [3] + [1.5] * len(panels) + ([1] if lrs else [])
+    fig = Figure(figsize=(8, 4.5 + 1.5 * len(panels) + (1 if lrs else 0)), layout="constrained")
     FigureCanvasAgg(fig)
-    if lrs:
-        ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    else:
-        ax, ax_lr = fig.subplots(), None
+    axes = fig.subplots(len(ratios), 1, sharex=True, height_ratios=ratios, squeeze=False)[:, 0]
+    ax, ax_lr = axes[0], (axes[-1] if lrs else None)
 
-    if train:
-        steps, values = zip(*train, strict=True)
-        if len(train) > 50:
-            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
-            ax.plot(steps, _smooth(values), color="tab:blue", label="train loss (smoothed)")
-        else:
-            ax.plot(steps, values, color="tab:blue", label="train loss")
+    _curves(ax, train, evals, "loss")
     if evals:
-        steps, values = zip(*evals, strict=True)
-        ax.plot(steps, values, "o-", color="tab:orange", markersize=4, label="eval loss")
         best_step, best = min(evals, key=lambda p: p[1])
         ax.plot([best_step], [best], "*", color="tab:red", markersize=12, label=f"best {best:.4g}")
     if not train and not evals:
         ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
     if train or evals:
         ax.legend()
+    for panel_ax, (label, points, eval_points) in zip(axes[1:], panels, strict=False):
+        _curves(panel_ax, points, eval_points, label.split("\n")[0])
+        panel_ax.set_ylabel(label)
+        panel_ax.legend(fontsize="small")
 
     if ax_lr is not None:
         ax_lr.plot(*zip(*lrs, strict=True), color="tab:green")
         ax_lr.set_ylabel("learning rate")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax_lr.grid(alpha=0.3)
-    (ax_lr or ax).set_xlabel("step")
+    axes[-1].set_xlabel("step")
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +146,21 @@ def plot_losses(records: list[dict], out_png: Path, *, title: str = "Training") 
     fig.savefig(buf, format="png", dpi=120)
     atomic_write_bytes(out_png, buf.getvalue())
     return out_png
+
+
+def _curves(ax, train: list, evals: list, what: str) -> None:
+    """One panel's train curve (smoothed when long) and eval points."""
+    if train:
+        steps, values = zip(*train, strict=True)
+        if len(train) > 50:
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _smooth(values), color="tab:blue", label=f"train {what} (smoothed)")
+        else:
+            ax.plot(steps, values, color="tab:blue", label=f"train {what}")
+    if evals:
+        steps, values = zip(*evals, strict=True)
+        ax.plot(steps, values, "o-", color="tab:orange", markersize=4, label=f"eval {what}")
+    ax.grid(alpha=0.3)
 
 
 def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
