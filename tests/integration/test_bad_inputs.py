@@ -185,6 +185,8 @@ SHORT = {"instruction": "Name a colour.", "output": "Red."}
 GOOD = [{"instruction": f"Name colour number {i}.", "output": "Red."} for i in range(8)]
 UNTRAINED = {"messages": [{"role": "user", "content": "q"},
                           {"role": "assistant", "content": "a", "weight": 0}]}  # fmt: skip
+PAIR = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"}
+KTO_GOOD = {"instruction": "What is 2 + 3?", "output": "5", "kto_tag": True}
 TOKENIZE_ROWS = [
     # an empty file, or nothing left after filtering: why each row was dropped
     pytest.param(_rows(LONG, LONG, LONG), ["data.max_seq_len=32", "data.val_ratio=0"],
@@ -206,6 +208,19 @@ TOKENIZE_ROWS = [
                  ["{file}: 1 records (1 distinct prompts) cannot fill 2 splits with ratios "
                   "0.9/0.1: the val split would be empty; need at least 5 records"],
                  id="fewer-than-the-split-needs"),
+    # records the objective cannot learn from (train.objective): refused, file:line:field
+    pytest.param(_rows(*GOOD[:4]), ["train.objective=dpo", "data.val_ratio=0"],
+                 ["{file}:1: format: this alpaca record cannot be trained with "
+                  "train.objective=dpo: it needs preference records"], id="dpo-on-alpaca"),
+    pytest.param(_rows(*[PAIR] * 4), ["train.objective=kto", "data.val_ratio=0"],
+                 ["{file}:1: format: this preference record cannot be trained with "
+                  "train.objective=kto: it needs kto records"], id="kto-on-pairs"),
+    pytest.param(_rows(*[PAIR] * 4), ["data.val_ratio=0"],
+                 ["{file}:1: format: a preference pair (prompt, chosen, rejected) cannot be "
+                  "trained with train.objective=sft"], id="sft-on-pairs"),
+    pytest.param(_rows(*[KTO_GOOD] * 4), ["train.objective=kto", "data.val_ratio=0"],
+                 ["{file}: kto_tag: every record is tagged true (desirable): KTO needs both "
+                  "kinds of answer"], id="kto-one-kind-only"),
     # over-long examples under truncation=error: the row and its length
     pytest.param(_rows(SHORT, LONG), ["data.max_seq_len=64", "data.truncation=error",
                                       "data.val_ratio=0"],

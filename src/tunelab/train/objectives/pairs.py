@@ -107,7 +107,7 @@ def refuse_formats(examples: Sequence[Example], accepted: str, objective: str, h
     """A DataError naming the first records the objective cannot learn from."""
     problems = [
         Problem(e.source.file, e.source.line, "format",
-                f"a {e.format} record cannot be trained with train.objective={objective}: "
+                f"this {e.format} record cannot be trained with train.objective={objective}: "
                 f"it needs {accepted} records ({hint})")
         for e in examples if e.format != accepted
     ]  # fmt: skip
