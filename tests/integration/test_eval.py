@@ -220,9 +220,9 @@ def test_baseline_sheet_covers_every_shot_count(tmp_path, model_dir, capsys):
         assert row[3:5] == [predictions[name][item - 1] for name in behind[row[0]]]
 
 
-def test_eval_rejects_preference_data(tmp_path, capsys):
+def test_eval_rejects_text_records(tmp_path, capsys):
     data = tmp_path / "p.jsonl"
-    data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    data.write_text('{"text": "plain text"}\n')
     code = main(["eval", "./x", "--data", str(data), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and f"{data}:1" in err and "cannot be evaluated by generation" in err

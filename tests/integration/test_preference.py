@@ -186,3 +186,13 @@ def test_per_step_losses_are_pinned(tmp_path, model_dir, files, objective):
                "train.save_steps=6", "train.lr=5e-3")  # fmt: skip
     got = [r["loss"] for r in losses(finetune(cfg, log=quiet))]
     assert got == pytest.approx(GOLDEN[objective], rel=2e-5), got
+
+
+def test_a_preference_run_evaluates_held_out_pairs_at_the_end(tmp_path, model_dir, files):
+    cfg = _cfg(tmp_path, model_dir, "dpo", files, "train.max_steps=2", "eval.at_end=true",
+               f"eval.data={files[0]}")  # fmt: skip
+    run = finetune(cfg, log=quiet)
+    meta = json.loads((run / "eval" / "finetuned" / "metrics.json").read_text())
+    assert meta["kind"] == "preference" and meta["examples"] == 16
+    assert 0.0 <= meta["metrics"]["preference_accuracy"] <= 1.0
+    assert "preference_accuracy" in (run / "summary.md").read_text()

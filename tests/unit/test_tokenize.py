@@ -85,6 +85,22 @@ def test_preference_pair_has_one_bos_each(llama3):
         assert seq.input_ids.tolist() == ref and ref.count(llama3.bos_token_id) == 1
 
 
+@pytest.mark.parametrize("train_on", ["all", "last"])
+def test_a_preference_answer_is_the_final_reply_only(tokenizer, train_on):
+    """Earlier assistant turns of a multi-turn prompt are prompt: a preference objective scores
+    the answer being judged, whatever data.train_on says for SFT."""
+    from tunelab.data.read import Source
+    from tunelab.data.records import Example, Message
+
+    turns = [Message("user", "Hi"), Message("assistant", "Hello there."), Message("user", "2+3?")]
+    ex = Example(Source("p.jsonl", 1), "preference", turns, chosen="Five.", rejected="Six.")
+    kto = Example(Source("k.jsonl", 1), "kto", [*turns, Message("assistant", "Five.")], label=True)
+    tex, tkto = encode([ex, kto], tokenizer, EncodeOptions(train_on=train_on)).examples
+    for seq, reply in ((tex.seq, "Five."), (tex.rejected, "Six."), (tkto.seq, "Five.")):
+        answer = tokenizer.decode(seq.input_ids[seq.response]).strip()
+        assert answer.startswith(reply) and "Hello" not in answer, answer
+
+
 def test_text_format_gets_exactly_the_tokenizers_own_bos(tokenizer):
     from tunelab.data.read import Source
     from tunelab.data.records import Example

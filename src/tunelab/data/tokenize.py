@@ -157,10 +157,10 @@ class _Encoder:
             return [(ex.text or "", [])]
         if ex.format == "preference":
             return [
-                self._conversation(ex.messages + [Message("assistant", ex.chosen or "")]),
-                self._conversation(ex.messages + [Message("assistant", ex.rejected or "")]),
+                self._conversation(ex.messages + [Message("assistant", ex.chosen or "")], True),
+                self._conversation(ex.messages + [Message("assistant", ex.rejected or "")], True),
             ]
-        return [self._conversation(ex.messages)]
+        return [self._conversation(ex.messages, last_only=ex.format == "kto")]
 
     def _reply_weight(self, messages: list[Message], i: int) -> float:
         m = messages[i]
@@ -170,25 +170,31 @@ class _Encoder:
             return self.opt.prompt_loss_weight
         return 1.0
 
-    def _conversation(self, messages: list[Message]) -> tuple[str, list[tuple[int, int, float]]]:
+    def _conversation(
+        self, messages: list[Message], last_only: bool = False
+    ) -> tuple[str, list[tuple[int, int, float]]]:
         """Render once and locate each reply's content in the text (fast path), else fall back
-        to rendering growing prefixes (templates that rewrite the content)."""
+        to rendering growing prefixes (templates that rewrite the content). ``last_only``: the
+        final reply is the answer and earlier assistant turns are prompt (preference and KTO
+        records: the answer is what is judged, whatever ``data.train_on`` says)."""
         text = self.render(messages)
         spans: list[tuple[int, int, float]] = []
         cursor = 0
         for i, m in enumerate(messages):
             pos = text.find(m.content, cursor)
             if pos < 0:
-                return text, self._prefix_spans(text, messages)
+                return text, self._prefix_spans(text, messages, last_only)
             cursor = pos + len(m.content)
-            if m.role == "assistant":
+            if m.role == "assistant" and not (last_only and i != len(messages) - 1):
                 spans.append((pos, cursor, self._reply_weight(messages, i)))
         return text, spans
 
-    def _prefix_spans(self, text: str, messages: list[Message]) -> list[tuple[int, int, float]]:
+    def _prefix_spans(
+        self, text: str, messages: list[Message], last_only: bool = False
+    ) -> list[tuple[int, int, float]]:
         spans = []
         for i, m in enumerate(messages):
-            if m.role != "assistant":
+            if m.role != "assistant" or (last_only and i != len(messages) - 1):
                 continue
             head = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])

@@ -32,9 +32,10 @@ from tunelab.errors import ConfigError, DataError, Problem
 from tunelab.files import atomic_write_text, read_jsonl
 
 #: Which per-example metric picks the instructive examples and the best run, first present wins.
-MAIN_METRICS = ("task", "json_equal", "exact_match", "judge", "rougeL", "bleu", "rouge1", "rouge2")
+MAIN_METRICS = ("task", "json_equal", "exact_match", "preference_accuracy", "judge", "rougeL",
+                "bleu", "rouge1", "rouge2")  # fmt: skip
 #: Right-or-wrong metrics: flips are counted for these when every score is 0 or 1.
-FLIP_METRICS = ("exact_match", "json_equal", "task")
+FLIP_METRICS = ("exact_match", "json_equal", "task", "preference_accuracy")
 #: Table order; other metrics follow alphabetically.
 ORDER = ("exact_match", "json_equal", "task", "judge", "bleu", "rouge1", "rouge2", "rougeL")
 #: Metrics shown with two decimals (not on a 0-1 scale).

@@ -16,6 +16,7 @@ from pathlib import Path
 from tunelab.config.schema import Config
 from tunelab.errors import DataError, Problem
 from tunelab.evaluate.metrics import load_user_metric
+from tunelab.evaluate.preference import evaluate_pairs, load_eval_data
 from tunelab.evaluate.run import (
     Target,
     check_metric_ran,
@@ -59,7 +60,10 @@ def check_eval_inputs(cfg: Config) -> None:
         if path is not None:
             if not Path(path).is_file():
                 raise DataError(Problem(str(path), None, None, f"eval.{key}: file not found"))
-            load_eval_examples(path, cfg.data if key == "data" else None)
+            if key == "data":  # preference pairs (scored) or conversations (generated)
+                load_eval_data(path, cfg.data)
+            else:
+                load_eval_examples(path)
     if cfg.eval.metric:
         load_user_metric(cfg.eval.metric)
 
@@ -69,11 +73,13 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) 
     target = load_target(str(run_dir))
     lines = []
     if cfg.eval.data:
-        examples = load_eval_examples(cfg.eval.data, cfg.data, cfg.eval.limit)
-        meta = evaluate_examples(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
-                                 data_label=cfg.eval.data)  # fmt: skip
+        pairs, examples = load_eval_data(cfg.eval.data, cfg.data, cfg.eval.limit)
+        evaluate = evaluate_pairs if pairs else evaluate_examples
+        meta = evaluate(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
+                        data_label=cfg.eval.data)  # fmt: skip
         lines.append(
-            f"test set ({meta['examples']} examples): {headline(meta)} -> {run_dir / 'eval' / 'finetuned'}"
+            f"test set ({meta['examples']} {'pairs' if pairs else 'examples'}): {headline(meta)} "
+            f"-> {run_dir / 'eval' / 'finetuned'}"
         )
         lines += metric_failure_lines(meta)
     if cfg.eval.general_data:
@@ -89,7 +95,7 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) 
         log(line)
     with open(run_dir / "summary.md", "a", encoding="utf-8") as f:
         f.write("\n## Evaluation at the end\n\n" + "".join(f"- {line}\n" for line in lines))
-    if cfg.eval.data:  # a metric that never ran is an error, once everything is written
+    if cfg.eval.data and not pairs:  # a metric that never ran is an error, once all is written
         check_metric_ran(meta, run_dir / "eval" / "finetuned")
 
 
@@ -112,6 +118,8 @@ def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
 def headline(meta: dict) -> str:
     m = meta["metrics"]
     keys = [
-        k for k in ("json_equal", "exact_match", "contains", "task") if isinstance(m.get(k), float)
+        k
+        for k in ("json_equal", "exact_match", "contains", "task", "preference_accuracy")
+        if isinstance(m.get(k), float)
     ]
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
