@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 #   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo prefer-demo test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,24 @@ demo: install
 		eval.max_new_tokens=96 --out $(DEMO)-baseline
 	$(TUNELAB) train examples/extract/train.yaml name=$(notdir $(DEMO)) train.output_dir=$(dir $(DEMO))
 	$(TUNELAB) compare $(DEMO)-baseline/base-0shot $(DEMO)-baseline/base-3shot $(DEMO)/eval/finetuned --out $(DEMO)
+
+## The preference example (examples/prefer/README.md): a short LoRA SFT of the default model, DPO
+## from it on pairs (correct JSON preferred over a typical mistake), then base, SFT and DPO
+## compared on held-out pairs (preference accuracy) and on the extraction test set.
+PREFER := runs/prefer-$(shell date +%Y%m%d-%H%M%S)
+TASK_EVAL := --data examples/extract/test.jsonl --metric examples/extract/metric.py:field_accuracy eval.max_new_tokens=96
+prefer-demo: install
+	$(TUNELAB) data check examples/prefer/train.jsonl --eval examples/prefer/test.jsonl --model smollm2-135m-instruct
+	$(TUNELAB) train examples/prefer/sft.yaml name=$(notdir $(PREFER))-sft train.output_dir=$(dir $(PREFER))
+	$(TUNELAB) train examples/prefer/dpo.yaml model.name=$(PREFER)-sft name=$(notdir $(PREFER))-dpo train.output_dir=$(dir $(PREFER))
+	$(TUNELAB) eval smollm2-135m-instruct --name base --data examples/prefer/test.jsonl --out $(PREFER)-pairs
+	$(TUNELAB) eval $(PREFER)-sft --name sft --data examples/prefer/test.jsonl --out $(PREFER)-pairs
+	$(TUNELAB) eval $(PREFER)-dpo --name dpo --data examples/prefer/test.jsonl --out $(PREFER)-pairs
+	$(TUNELAB) eval smollm2-135m-instruct --name base $(TASK_EVAL) --out $(PREFER)-task
+	$(TUNELAB) eval $(PREFER)-sft --name sft $(TASK_EVAL) --out $(PREFER)-task
+	$(TUNELAB) eval $(PREFER)-dpo --name dpo $(TASK_EVAL) --out $(PREFER)-task
+	$(TUNELAB) compare $(PREFER)-pairs/base $(PREFER)-pairs/sft $(PREFER)-pairs/dpo --out $(PREFER)-pairs
+	$(TUNELAB) compare $(PREFER)-task/base $(PREFER)-task/sft $(PREFER)-task/dpo --out $(PREFER)-task
 
 ## Every test: unit, integration and slow (real tokenizer); gpu tests skip without CUDA.
 test: install
