@@ -167,11 +167,20 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "tokens_per_s": round(outcome.tokens / outcome.seconds, 1) if outcome.seconds else None,
         "final_train_loss": outcome.train_loss, "initial_eval_loss": state.initial_eval_loss,
         "best_eval_loss": state.best_eval_loss, "best_step": state.best_step,
+        "last_eval_stats": _last_eval_stats(plan.run_dir),
         "nan_skips": state.nan_skips, "stopped_early": outcome.stopped_early,
         "keep": plan.keep, "final_step": final_step, "final": note,
         "output": str(plan.run_dir / "final"), "parameters": count_parameters(run.model)[1],
         **_peak_memory(plan.placement.device),
     }  # fmt: skip
+
+
+def _last_eval_stats(run_dir) -> dict:
+    """The objective's statistics at the last evaluation (rewards, margin, accuracy...)."""
+    evals = [r for r in MetricsLog.read(run_dir / "metrics.jsonl") if "eval_loss" in r]
+    skip = {"eval_loss", "eval_ppl"}
+    return {k.removeprefix("eval_"): v for k, v in evals[-1].items()
+            if k.startswith("eval_") and k not in skip} if evals else {}  # fmt: skip
 
 
 def _peak_memory(device: torch.device) -> dict:

@@ -259,13 +259,23 @@ def _setup(out: _Lines) -> None:
 def _results(out: _Lines) -> None:
     pick, add, info = out.pick, out.add, out.info
     add("Final train loss", _loss(pick("final_train_loss")))
+    nll = info.get("objective", "sft") == "sft"  # a preference loss has no perplexity
+
+    def loss(value: float) -> str:
+        return f"{value:.4f} (perplexity {perplexity(value):.2f})" if nll else f"{value:.4f}"
+
     before = pick("initial_eval_loss")
     if _is_number(before):
-        add("Eval loss before training", f"{before:.4f} (perplexity {perplexity(before):.2f})")
+        add("Eval loss before training", loss(before))
     best, step = pick("best_eval_loss"), pick("best_step")
     if _is_number(best):
         at = f" at step {step}" if step is not None else ""
-        add("Best eval loss", f"{best:.4f} (perplexity {perplexity(best):.2f}){at}")
+        add("Best eval loss", f"{loss(best)}{at}")
+    stats = pick("last_eval_stats") or {}
+    if "reward_accuracy" in stats or "margin" in stats:
+        shown = [f"{k.replace('_', ' ')} {stats[k]:.3f}" for k in ("reward_accuracy", "margin",
+                 "chosen_reward", "rejected_reward", "kl") if _is_number(stats.get(k))]  # fmt: skip
+        add("Last evaluation (preference)", ", ".join(shown))
     add("NaN/Inf steps skipped", pick("nan_skips"))
     out.used.update(("keep", "final_step"))  # said in words by "final"
     add("Final weights", pick("final"))

@@ -29,9 +29,8 @@ from tunelab.data.tokenize import Encoded, TokenizedExample
 from tunelab.errors import DataError, Problem
 from tunelab.models.nll import HEAD_CHUNK
 from tunelab.train.objectives.pairs import (
-    ReferenceFn,
+    PreferenceObjective,
     Rows,
-    Stats,
     collate_rows,
     example_refs,
     reference_logps,
@@ -57,15 +56,12 @@ class KTOBatch:
         return KTOBatch(self.rows.to(device), self.kl.to(device), self.desirable.to(device))
 
 
-class KTO:
+class KTO(PreferenceObjective):
     name = "kto"
     uses_reference = True
 
     def __init__(self, settings, chunk: int = HEAD_CHUNK):
-        self.settings = settings
-        self.chunk = chunk
-        self.reference: ReferenceFn | None = None
-        self.stats = Stats()
+        super().__init__(settings, chunk)
         self.weights = (settings.desirable_weight or 1.0, settings.undesirable_weight or 1.0)
 
     def check_data(self, examples: Sequence[Example]) -> None:

@@ -115,12 +115,11 @@ def refuse_formats(examples: Sequence[Example], accepted: str, objective: str, h
         raise DataError(problems[:20], total=len(problems), cap=20)
 
 
-class PreferencePairs:
-    """The shared part of DPO, SimPO and ORPO: pairs in, per-pair losses out.
+class PreferenceObjective:
+    """What every preference objective holds: its settings (``train.preference``), the
+    reference function the recipe sets, and the statistics it logs."""
 
-    Subclasses set ``name`` and ``uses_reference`` and implement :meth:`pair_losses`."""
-
-    name = "pairs"
+    name = "preference"
     uses_reference = True
 
     def __init__(self, settings, chunk: int = HEAD_CHUNK):
@@ -128,6 +127,15 @@ class PreferencePairs:
         self.chunk = chunk
         self.reference: ReferenceFn | None = None
         self.stats = Stats()
+
+    def pop_stats(self) -> dict[str, float]:
+        return self.stats.pop()
+
+
+class PreferencePairs(PreferenceObjective):
+    """The shared part of DPO, SimPO and ORPO: pairs in, per-pair losses out.
+
+    Subclasses set ``name`` and ``uses_reference`` and implement :meth:`pair_losses`."""
 
     def check_data(self, examples: Sequence[Example]) -> None:
         refuse_formats(examples, "preference", self.name,
@@ -156,9 +164,6 @@ class PreferencePairs:
 
     def pair_losses(self, logps, counts, ref, rows: Rows) -> torch.Tensor:
         raise NotImplementedError
-
-    def pop_stats(self) -> dict[str, float]:
-        return self.stats.pop()
 
     def log_rewards(self, chosen: torch.Tensor, rejected: torch.Tensor, logps, counts) -> None:
         """The statistics every preference objective logs, per pair."""
