@@ -85,7 +85,10 @@ class RunPlan:
 
     @property
     def train_tokens(self) -> int:
-        return sum(len(t.seq) for t in self.train)
+        """Tokens of the training sequences (a pair's rejected answer included)."""
+        return sum(
+            len(t.seq) + (len(t.rejected) if t.rejected is not None else 0) for t in self.train
+        )
 
     def describe(self) -> str:
         """The plan as a person reads it (``tunelab train --dry-run``)."""
@@ -107,7 +110,7 @@ class RunPlan:
                        f"{lengths[-1]}, limit {c.data.max_seq_len}), "
                        f"{sum(len(x.seq) for x in self.val):,} validation"),
             ("batching", f"{t.micro_batch_size} x {t.grad_accum} accumulation = "
-                         f"{t.micro_batch_size * t.grad_accum} sequences per step"),
+                         f"{t.micro_batch_size * t.grad_accum} {_unit(self)} per step"),
             ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
@@ -283,7 +286,13 @@ def describe_reference(plan: RunPlan) -> str:
         return f"precomputed once before training, cached in {REFERENCE_FILE}"
     if plan.method.trains_base:
         return "a frozen copy of the model (precompute_ref=false: twice the weights in memory)"
-    return "the base with the adapter disabled (no second copy)"
+    return "the model it starts from, with the adapter disabled (no second copy)"
+
+
+def _unit(plan: RunPlan) -> str:
+    """What one element of a micro-batch is: a sequence, or a pair of them."""
+    pairs = any(t.rejected is not None for t in plan.train[:1])
+    return "pairs (chosen and rejected: twice the sequences)" if pairs else "sequences"
 
 
 #: The train.preference settings each objective reads (shown by --dry-run).
