@@ -120,3 +120,17 @@ def test_summary_takes_config_dicts_and_other_keys(tmp_path):
 def test_summary_with_almost_nothing(tmp_path):
     text = write_summary(tmp_path / "run-7", {}).read_text()
     assert text.startswith("# Run run-7")
+
+
+def test_a_preference_run_plots_margin_and_accuracy_panels(tmp_path):
+    from PIL import Image
+
+    from tunelab.train.report import plot_losses
+
+    sft = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 6)]
+    dpo = [r | {"margin": 0.1 * r["step"], "reward_accuracy": 0.5} for r in sft]
+    dpo.append({"step": 5, "eval_loss": 0.5, "eval_margin": 0.4, "eval_reward_accuracy": 0.8})
+    heights = [
+        Image.open(plot_losses(rs, tmp_path / f"{i}.png")).height for i, rs in enumerate((sft, dpo))
+    ]
+    assert heights[1] > heights[0] * 1.4  # two more panels
