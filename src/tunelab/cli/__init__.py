@@ -15,6 +15,7 @@ from rich.markup import escape
 from tunelab import __version__
 from tunelab.cli import config as config_cli
 from tunelab.cli import data as data_cli
+from tunelab.cli import doctor as doctor_cli
 from tunelab.cli import evaluate as eval_cli
 from tunelab.cli import models as models_cli
 from tunelab.cli import train as train_cli
@@ -32,6 +33,7 @@ app.command("train")(train_cli.train)
 app.command("eval")(eval_cli.eval_command)
 app.command("baseline")(eval_cli.baseline_command)
 app.command("compare")(eval_cli.compare_command)
+app.command("doctor")(doctor_cli.doctor)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")

@@ -3,7 +3,8 @@
     run = prepare(plan)        # weights on the device, the method applied, the optimizer;
                                # a resume restores the checkpoint the plan chose
     outcome = train(run)       # the loop (tunelab.train.loop)
-    run_dir = finish(run, outcome)   # final/ (best or last), plot, summary.md, result.json
+    run_dir = finish(run, outcome)   # final/ (best or last), plot, summary.md, result.json,
+                                     # doctor.md (the loss curve diagnosed)
 
 The run folder gets the resolved config first (it is resumable from then on) and the final
 model, plot and summary last. Evaluation after training is the workflow's (tunelab.workflow).
@@ -23,6 +24,7 @@ from tunelab.config.load import dump_config
 from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
+from tunelab.train.doctor import write_doctor
 from tunelab.train.guards import TrainingStopped, is_oom, out_of_memory_message
 from tunelab.train.loop import TRAINED_FOLDER, Run, train_loop
 from tunelab.train.optim import Schedule, build_optimizer
@@ -120,7 +122,8 @@ def train(run: Run, log=print) -> Outcome:
 
 
 def finish(run: Run, outcome: Outcome):
-    """Write final/ (the weights ``plan.keep`` names), the plot, summary.md and result.json."""
+    """Write final/ (the weights ``plan.keep`` names), the plot, summary.md, result.json and
+    the diagnosis (doctor.md, doctor.png)."""
     plan = run.plan
     final_step, note = _final_weights(run)
     with atomic_folder(plan.run_dir / "final") as tmp:
@@ -130,6 +133,7 @@ def finish(run: Run, outcome: Outcome):
     info = _result(run, outcome, final_step, note)
     write_summary(plan.run_dir, info)
     atomic_write_json(plan.run_dir / "result.json", info)
+    write_doctor(plan.run_dir, MetricsLog.read(plan.run_dir / "metrics.jsonl"), info)
     return plan.run_dir
 
 
