@@ -92,3 +92,26 @@ def test_folder_without_training_records_exits_2(tmp_path, capsys, metrics):
     captured = capsys.readouterr()
     assert str(run_dir) in captured.err.replace("\n", "") and captured.out == ""
     assert tree(run_dir) == before
+
+
+@pytest.mark.parametrize("setting", ["warn", "stop", "off"])
+def test_train_doctor_watches_the_curve_during_training(tmp_path, model_dir, data_file, setting):
+    from tunelab.train.guards import TrainingStopped
+
+    extra = ["method.name=full", "train.lr=1.0", "train.max_steps=30", "train.eval_steps=5",
+             f"train.doctor={setting}"]  # fmt: skip
+    lines = []
+    cfg = config(tmp_path, model_dir, data_file, *extra, *SHORT)
+    if setting == "stop":
+        with pytest.raises(
+            TrainingStopped, match="doctor at step .*: lr_too_high: .*train.doctor=stop"
+        ):
+            finetune(cfg, log=lines.append)
+        return
+    finetune(cfg, log=lines.append)
+    said = [line for line in lines if line.startswith("doctor at step")]
+    if setting == "off":
+        assert not said
+    else:  # said once, mid-run, with the advice
+        assert len([s for s in said if "lr_too_high" in s]) == 1 and "lower train.lr" in said[0]
+        assert not said[0].startswith("doctor at step 30")

@@ -155,6 +155,17 @@ class TrainConfig(Section):
         description="Which weights final/ holds: best (lowest validation loss, the untrained "
         "model included) or last (the last step). Default: best with validation data, else last.",
     )
+    doctor: Literal["warn", "stop", "off"] = Field(
+        "warn",
+        description="At each evaluation, look at the loss curve so far (docs/training.md, "
+        "'Diagnosing a run'): warn prints a line when the learning rate looks too high or the "
+        "run overfits; stop also stops the run there (the last checkpoint intact).",
+    )
+    @field_validator("doctor", mode="before")
+    @classmethod
+    def _doctor_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
     nan_action: Literal["skip", "stop"] = Field(
         "skip", description="On a NaN/Inf loss or gradient."
     )

@@ -363,6 +363,21 @@ def diagnose(records: list[dict], info: dict | None = None) -> list[Finding]:
 # ---- the run folder ----------------------------------------------------------------------
 
 
+#: What is worth saying while a run is still going (the rest needs the whole curve).
+WATCHED = ("lr_too_high", "overfitting")
+
+
+def watch(records: list[dict], said: set[str]) -> list[Finding]:
+    """The findings of :data:`WATCHED` kinds in the curve so far that were not said before
+    (``said`` is updated): for ``train.doctor`` during training."""
+    c = curve(records)
+    if not c.loss:
+        return []
+    found = [f for f in (lr_too_high(c), overfitting(c)) if f is not None and f.kind not in said]
+    said.update(f.kind for f in found)
+    return found
+
+
 def read_run(run_dir: Path) -> tuple[list[dict], dict | None]:
     """The records and result.json of a run folder; :class:`DoctorError` when it has no
     training records."""

@@ -27,6 +27,7 @@ from tunelab.checkpoint.manager import CheckpointManager
 from tunelab.checkpoint.state import save_state
 from tunelab.models.nll import perplexity
 from tunelab.models.tokenizer import pad_id
+from tunelab.train.doctor import watch
 from tunelab.train.guards import TrainingStopped, finite, is_oom, out_of_memory_message
 from tunelab.train.optim import Schedule
 from tunelab.train.plan import RunPlan
@@ -50,6 +51,8 @@ class Run:
     checkpoints: CheckpointManager
     progress: Callable[[int, int, dict], None] | None = None  # (step, total, record)
     started: float = field(default_factory=time.perf_counter)  # for the wall time
+    log: Callable[[str], None] = print  # lines for the user (train.doctor's warnings)
+    said: set[str] = field(default_factory=set)  # what train.doctor has already warned about
 
     def autocast(self):
         dtype = self.plan.placement.autocast_dtype
@@ -79,6 +82,8 @@ def train_loop(run: Run) -> Outcome:
             last_loss = record["loss"]
         eval_loss, improved, stop = evaluate_due(run)
         checkpoint_due(run, eval_loss, improved, stop)
+        if eval_loss is not None:
+            doctor_watch(run)
     seconds = time.perf_counter() - started
     return Outcome(state.step, last_loss, stop, seconds, tokens, state.step - first)
 
@@ -239,6 +244,19 @@ def eval_record(run: Run, step: int, loss: float | None) -> dict:
     if getattr(objective, "reports_perplexity", False):
         record["eval_ppl"] = perplexity(loss)
     return record | {f"eval_{k}": v for k, v in objective.pop_stats().items()}
+
+
+def doctor_watch(run: Run) -> None:
+    """train.doctor: at an evaluation, what the curve so far says (once per kind of problem);
+    with ``stop`` the run stops there, after its checkpoint."""
+    setting = run.plan.cfg.train.doctor
+    if setting == "off":
+        return
+    for finding in watch(MetricsLog.read(run.metrics.path), run.said):
+        line = f"doctor at step {run.state.step}: {finding.kind}: {finding.evidence} -> {finding.advice}"
+        if setting == "stop":
+            raise TrainingStopped(f"{line} (train.doctor=stop; the last checkpoint is intact)")
+        run.log(line)
 
 
 def checkpoint_due(run: Run, eval_loss: float | None, improved: bool, stopping: bool) -> None:

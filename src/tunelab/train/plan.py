@@ -35,7 +35,7 @@ from tunelab.train.optim import warmup_steps
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "keep", "early_stopping_patience",
-                     "eval_at_start", "output_dir", "eval_batch_size", "max_nan_skips"}  # fmt: skip
+                     "eval_at_start", "output_dir", "eval_batch_size", "max_nan_skips", "doctor"}  # fmt: skip
 #: Data settings of other commands (data split, data check): they never change a training run.
 NOT_TRAINING_DATA = {"path", "val_path", "split_ratios", "diversity_threshold"}
 

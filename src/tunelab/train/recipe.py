@@ -52,7 +52,7 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
         plan=plan, model=model, optimizer=optimizer, schedule=Schedule(t, plan.total_steps),
         scaler=torch.amp.GradScaler("cuda") if fp16 else None, state=TrainState(fingerprint=plan.fingerprint),
         metrics=MetricsLog(plan.run_dir / "metrics.jsonl"), checkpoints=CheckpointManager(plan.run_dir, t.keep_last),
-        progress=progress, started=started,
+        progress=progress, started=started, log=log,
     )  # fmt: skip
     if plan.fresh:  # a run that died before its first checkpoint logged steps nobody keeps
         run.metrics.truncate_after(-1)
