@@ -161,6 +161,7 @@ class TrainConfig(Section):
         "'Diagnosing a run'): warn prints a line when the learning rate looks too high or the "
         "run overfits; stop also stops the run there (the last checkpoint intact).",
     )
+
     @field_validator("doctor", mode="before")
     @classmethod
     def _doctor_off(cls, value: object) -> object:
