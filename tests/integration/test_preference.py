@@ -196,3 +196,14 @@ def test_a_preference_run_evaluates_held_out_pairs_at_the_end(tmp_path, model_di
     assert meta["kind"] == "preference" and meta["examples"] == 16
     assert 0.0 <= meta["metrics"]["preference_accuracy"] <= 1.0
     assert "preference_accuracy" in (run / "summary.md").read_text()
+
+
+def test_the_command_line_trains_a_preference_run_quietly(tmp_path, model_dir, files, capsys):
+    from tunelab.cli import main
+
+    code = main(["train", "-q", f"model.name={model_dir}", f"data.path={files[0]}", "data.val_ratio=0.25",
+                 "train.objective=dpo", "train.max_steps=2", "train.micro_batch_size=2",
+                 f"train.output_dir={tmp_path}", "name=q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "eval_loss 0.6931 reward accuracy 0.000" in err and "ppl" not in err

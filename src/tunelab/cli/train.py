@@ -58,9 +58,10 @@ def train(
         if "eval_loss" in record:
             last_eval = f" val {record['eval_loss']:.4f}"
             if quiet:
-                console.print(
-                    f"step {step}/{total} eval_loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}"
-                )
+                ppl = f" ppl {record['eval_ppl']:.2f}" if "eval_ppl" in record else ""
+                accuracy = record.get("eval_reward_accuracy")
+                pref = f" reward accuracy {accuracy:.3f}" if accuracy is not None else ""
+                console.print(f"step {step}/{total} eval_loss {record['eval_loss']:.4f}{ppl}{pref}")
         if task is None:
             task = progress.add_task("train", total=total, completed=step - 1, info="")
         tps = record.get("tokens_per_s")
