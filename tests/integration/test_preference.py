@@ -204,6 +204,7 @@ def test_the_command_line_trains_a_preference_run_quietly(tmp_path, model_dir, f
     code = main(["train", "-q", f"model.name={model_dir}", f"data.path={files[0]}", "data.val_ratio=0.25",
                  "train.objective=dpo", "train.max_steps=2", "train.micro_batch_size=2",
                  f"train.output_dir={tmp_path}", "name=q"])  # fmt: skip
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 0, err
     assert "eval_loss 0.6931 reward accuracy 0.000" in err and "ppl" not in err
+    assert "doctor: too_short (doctor.md" in out  # 2 steps: too few to judge

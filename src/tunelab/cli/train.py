@@ -89,4 +89,10 @@ def _print_result(run_dir: Path) -> None:
           f"peak memory {result.get('peak_gpu_gib') or result['peak_rss_gib']} GiB")  # fmt: skip
     if result.get("final"):
         print(f"final/ holds {result['final']}")
-    print(f"run folder: {run_dir} (summary.md, train_loss.png, final/)")
+    doctor = run_dir / "doctor.md"
+    if doctor.is_file():
+        kinds = [
+            line[3:].strip() for line in doctor.read_text().splitlines() if line.startswith("## ")
+        ]
+        print(f"doctor: {', '.join(kinds)} (doctor.md: the evidence and what to change)")
+    print(f"run folder: {run_dir} (summary.md, train_loss.png, doctor.md, final/)")
