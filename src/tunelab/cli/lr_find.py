@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 def lr_find(
@@ -14,6 +16,7 @@ def lr_find(
     end: float = typer.Option(1e-1, "--end", help="Last learning rate (if it gets that far)."),
     steps: int = typer.Option(100, "--steps", min=10, max=1000, help="Most steps to run."),
     out: Path = typer.Option(Path("runs/lr-find"), "--out", help="Where lr_find.json/.png go."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Learning-rate range test: raise the lr geometrically, watch the loss, propose a rate."""
     from tunelab.config.load import load_config
@@ -22,7 +25,17 @@ def lr_find(
     if config is not None and "=" in str(config) and not config.exists():
         overrides, config = [str(config), *(overrides or [])], None
     cfg = load_config(config, overrides or [])
-    result = find_lr(cfg, out, start=start, end=end, steps=steps)
+    console = Console(stderr=True, highlight=False)
+    bar = Progress(TextColumn("lr-find step {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=console, disable=quiet)  # fmt: skip
+    task = bar.add_task("lr-find", total=steps, info="")
+
+    def on_step(step: int, total: int, lr: float, loss: float) -> None:
+        bar.update(task, completed=step, info=f"lr {lr:.2e} loss {loss:.4f}")
+
+    with bar:
+        result = find_lr(cfg, out, start=start, end=end, steps=steps, progress=on_step)
     print(
         f"{len(result.lrs)} steps, lr {result.lrs[0]:.2g} -> {result.lrs[-1]:.2g}: {result.stopped}"
     )

@@ -85,8 +85,9 @@ def propose(lrs: list[float], smoothed: list[float]) -> tuple[float | None, floa
 
 
 def lr_find(plan: RunPlan, model: torch.nn.Module, *, start: float = 1e-7, end: float = 1e-1,
-            steps: int = 100, autocast=None) -> LrFind:  # fmt: skip
-    """Run the range test on ``model`` (the method already applied); its weights change."""
+            steps: int = 100, autocast=None, progress=None) -> LrFind:  # fmt: skip
+    """Run the range test on ``model`` (the method already applied); its weights change.
+    ``progress(step, steps, lr, loss)`` is called after every step."""
     autocast = autocast or contextlib.nullcontext
     optimizer = build_optimizer(plan.method.optimizer_parameters(model), plan.cfg.train,
                                 plan.placement.device.type)  # fmt: skip
@@ -109,6 +110,8 @@ def lr_find(plan: RunPlan, model: torch.nn.Module, *, start: float = 1e-7, end: 
             break
         lrs.append(lr)
         losses.append(loss)
+        if progress:
+            progress(k + 1, steps, lr, loss)
         s = smooth(losses)
         if len(s) > 1 and s[-1] > DIVERGE * min(s):
             stopped = f"the loss diverged at lr {lr:.2g} (smoothed {s[-1]:.4g} > {DIVERGE:g} x its minimum)"
@@ -135,6 +138,9 @@ def write_lr_find(result: LrFind, out_dir: Path) -> tuple[Path, Path]:
                              (result.steepest, "steepest", "tab:red")):  # fmt: skip
         if lr:
             ax.axvline(lr, color=color, linestyle="--", label=f"{label} {lr:.2g}")
+    if result.smoothed:  # the diverging tail would flatten the part that matters
+        low = min(min(result.losses), min(result.smoothed))
+        ax.set_ylim(low - 0.05 * abs(low), max(result.smoothed[0] * 1.5, low + 1e-3))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")

@@ -15,7 +15,9 @@ from tunelab.train.recipe import load
 from tunelab.train.reference import adapter_disabled, frozen_copy
 
 
-def find_lr(cfg: Config, out_dir: Path, *, start: float, end: float, steps: int) -> LrFind:
+def find_lr(
+    cfg: Config, out_dir: Path, *, start: float, end: float, steps: int, progress=None
+) -> LrFind:
     if not 0 < start < end:
         from tunelab.errors import ConfigError
 
@@ -34,6 +36,6 @@ def find_lr(cfg: Config, out_dir: Path, *, start: float, end: float, steps: int)
         return torch.autocast(plan.placement.device.type, dtype=dtype)
 
     result = lr_find(plan, model, start=start, end=end, steps=steps,
-                     autocast=autocast if dtype is not None else None)  # fmt: skip
+                     autocast=autocast if dtype is not None else None, progress=progress)  # fmt: skip
     write_lr_find(result, out_dir)
     return result
