@@ -115,3 +115,22 @@ def test_train_doctor_watches_the_curve_during_training(tmp_path, model_dir, dat
     else:  # said once, mid-run, with the advice
         assert len([s for s in said if "lr_too_high" in s]) == 1 and "lower train.lr" in said[0]
         assert not said[0].startswith("doctor at step 30")
+
+
+def test_a_failing_diagnosis_does_not_fail_a_finished_run(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    from tunelab.train import recipe
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(recipe, "write_doctor", broken)
+    lines = []
+    run_dir = finetune(
+        config(tmp_path, model_dir, data_file, "train.max_steps=2", *SHORT), log=lines.append
+    )
+    assert (run_dir / "result.json").is_file() and (run_dir / "final").is_dir()
+    assert any(
+        "doctor: could not diagnose this run (ZeroDivisionError: boom)" in line for line in lines
+    )

@@ -133,8 +133,20 @@ def finish(run: Run, outcome: Outcome):
     info = _result(run, outcome, final_step, note)
     write_summary(plan.run_dir, info)
     atomic_write_json(plan.run_dir / "result.json", info)
-    write_doctor(plan.run_dir, MetricsLog.read(plan.run_dir / "metrics.jsonl"), info)
+    _diagnose(run, info)
     return plan.run_dir
+
+
+def _diagnose(run: Run, info: dict) -> None:
+    """doctor.md and doctor.png. The run is complete by now: a failing diagnosis is told, not
+    allowed to fail it."""
+    run_dir = run.plan.run_dir
+    try:
+        write_doctor(run_dir, MetricsLog.read(run_dir / "metrics.jsonl"), info)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the weights are saved
+        run.log(
+            f"doctor: could not diagnose this run ({type(e).__name__}: {e}); the run itself is complete"
+        )
 
 
 def _final_weights(run: Run) -> tuple[int, str]:
