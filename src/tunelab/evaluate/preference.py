@@ -46,7 +46,6 @@ rejected ones), ``margin_sum`` (the mean of ``logp_chosen − logp_rejected``) a
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ import torch
 
 from tunelab.config.schema import DataConfig, EvalConfig
 from tunelab.data.collate import collate
-from tunelab.data.records import Example, Message
+from tunelab.data.records import Example
 from tunelab.data.render import ensure_chat_template
 from tunelab.data.tokenize import EncodeOptions, TokenizedExample, encode
 from tunelab.errors import DataError, Problem
@@ -132,22 +131,12 @@ def check_pairs(examples: Sequence[Example]) -> None:
     raise DataError(problems[:20], total=len(problems), cap=20)
 
 
-def _final_reply_only(example: Example) -> Example:
-    """The pair with any assistant turn of its prompt weighted 0, so only the answer is scored
-    (whatever ``weight`` the record gave those turns)."""
-    prompt = [
-        Message(m.role, m.content, 0.0) if m.role == "assistant" else m for m in example.messages
-    ]
-    return dataclasses.replace(example, messages=prompt)
-
-
 def encode_pairs(examples: Sequence[Example], tokenizer) -> list[TokenizedExample]:
     """Each pair tokenized as training tokenizes it: ``.seq`` = prompt + chosen and
     ``.rejected`` = prompt + rejected, their ``response`` masks on the answer and its
-    closing token."""
-    report = encode(
-        [_final_reply_only(e) for e in examples], tokenizer, EncodeOptions(prompt_loss_weight=0.0)
-    )
+    closing token (the tokenizer scores only a pair's final reply: earlier assistant turns of
+    its prompt are prompt)."""
+    report = encode(list(examples), tokenizer, EncodeOptions(prompt_loss_weight=0.0))
     if len(report.examples) != len(examples):  # no truncation here: nothing should be dropped
         reasons = "; ".join(f"{n} {why}" for why, n in report.dropped.most_common())
         raise DataError(Problem(examples[0].source.file, None, None, f"pairs cannot be scored: {reasons}"))  # fmt: skip

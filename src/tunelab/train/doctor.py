@@ -53,7 +53,7 @@ from statistics import median
 
 from tunelab.errors import TunelabError
 from tunelab.files import atomic_write_bytes, atomic_write_text
-from tunelab.train.report import MetricsLog
+from tunelab.train.report import MetricsLog, ema, window_beta
 
 MIN_STEPS = 8
 DIVERGE = 0.25
@@ -108,16 +108,6 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def ema(values: list[float], window: int) -> list[float]:
-    """Exponential moving average over about ``window`` points, bias-corrected at the start."""
-    beta = 1 - 2 / (window + 1)
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i))
-    return out
-
-
 def curve(records: list[dict], info: dict | None = None) -> Curve:
     train = [r for r in records if "loss" in r and _finite(r.get("step"))]
     ok = [r for r in train if not r.get("nan_skipped") and _finite(r["loss"])]
@@ -129,7 +119,7 @@ def curve(records: list[dict], info: dict | None = None) -> Curve:
     lrs = [r["lr"] for r in train if _finite(r.get("lr"))]
     epochs = {r["step"]: r["epoch"] for r in train if _finite(r.get("epoch"))}
     return Curve(
-        steps=[r["step"] for r in ok], loss=loss, smooth=ema(loss, window), evals=evals,
+        steps=[r["step"] for r in ok], loss=loss, smooth=ema(loss, window_beta(window)), evals=evals,
         nan_steps=[r["step"] for r in train if r.get("nan_skipped") or not _finite(r["loss"])],
         grads=[(r["step"], r["grad_norm"]) for r in ok if _finite(r.get("grad_norm"))],
         epochs=epochs, lr=settings.get("lr") or (max(lrs) if lrs else None),

@@ -32,6 +32,7 @@ from tunelab.models.tokenizer import pad_id
 from tunelab.train.loop import accumulate
 from tunelab.train.optim import build_optimizer
 from tunelab.train.plan import RunPlan
+from tunelab.train.report import ema
 
 DIVERGE = 4.0  # stop once the smoothed loss is this many times its minimum
 BETA = 0.98  # EMA of the loss (fastai's)
@@ -55,11 +56,7 @@ def rates(start: float, end: float, steps: int) -> list[float]:
 
 
 def smooth(losses: list[float], beta: float = BETA) -> list[float]:
-    out, avg = [], 0.0
-    for i, v in enumerate(losses, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i))
-    return out
+    return ema(losses, beta)
 
 
 def propose(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None, str]:
@@ -94,6 +91,7 @@ def lr_find(plan: RunPlan, model: torch.nn.Module, *, start: float = 1e-7, end: 
     pad, device = pad_id(plan.tokenizer), plan.placement.device
     model.train()
     lrs, losses, stopped = [], [], f"reached lr {end:g} ({steps} steps)"
+    avg, lowest = 0.0, math.inf
     for k, lr in enumerate(rates(start, end, steps)):
         _, micro = plan.steps.step(k)
         batches = [
@@ -112,9 +110,13 @@ def lr_find(plan: RunPlan, model: torch.nn.Module, *, start: float = 1e-7, end: 
         losses.append(loss)
         if progress:
             progress(k + 1, steps, lr, loss)
-        s = smooth(losses)
-        if len(s) > 1 and s[-1] > DIVERGE * min(s):
-            stopped = f"the loss diverged at lr {lr:.2g} (smoothed {s[-1]:.4g} > {DIVERGE:g} x its minimum)"
+        avg = BETA * avg + (1 - BETA) * loss  # the EMA of smooth(), one step at a time
+        now = avg / (1 - BETA ** len(losses))
+        lowest = min(lowest, now)
+        if len(losses) > 1 and now > DIVERGE * lowest:
+            stopped = (
+                f"the loss diverged at lr {lr:.2g} (smoothed {now:.4g} > {DIVERGE:g} x its minimum)"
+            )
             break
     smoothed = smooth(losses)
     proposed, steepest, reason = propose(lrs, smoothed)

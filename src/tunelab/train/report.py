@@ -174,15 +174,23 @@ def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
     return points
 
 
-def _smooth(values: tuple[float, ...]) -> list[float]:
-    """Exponential moving average, bias-corrected at the start (as TensorBoard does)."""
-    window = min(100, max(5, len(values) // 20))
-    beta = 1 - 2 / (window + 1)
+def ema(values, beta: float) -> list[float]:
+    """Exponential moving average, bias-corrected at the start (as TensorBoard and fastai do):
+    the one smoothing of loss curves (the plot, tunelab doctor, lr-find)."""
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = beta * avg + (1 - beta) * v
         out.append(avg / (1 - beta**i))
     return out
+
+
+def window_beta(window: int) -> float:
+    """The EMA factor that averages over about ``window`` points."""
+    return 1 - 2 / (window + 1)
+
+
+def _smooth(values: tuple[float, ...]) -> list[float]:
+    return ema(values, window_beta(min(100, max(5, len(values) // 20))))
 
 
 # ---- summary.md --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config.schema import Config
+from tunelab.errors import ConfigError
 from tunelab.train.lr_find import LrFind, lr_find, write_lr_find
 from tunelab.train.plan import build_plan
 from tunelab.train.recipe import load
@@ -19,8 +20,6 @@ def find_lr(
     cfg: Config, out_dir: Path, *, start: float, end: float, steps: int, progress=None
 ) -> LrFind:
     if not 0 < start < end:
-        from tunelab.errors import ConfigError
-
         raise ConfigError(f"--start {start:g} must be positive and below --end {end:g}")
     plan = build_plan(cfg, read_weights=False)  # every check first; the run folder is not made
     model = load(plan)

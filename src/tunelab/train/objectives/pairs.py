@@ -88,16 +88,18 @@ class Stats:
     :meth:`pop` returns their means and starts again."""
 
     def __init__(self):
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, torch.Tensor | float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, name: str, values: torch.Tensor) -> None:
-        values = values.detach().float()
-        self.sums[name] += float(values.sum())
+        """Summed on the device (float64): no host sync per statistic; :meth:`pop` syncs once."""
+        self.sums[name] = self.sums[name] + values.detach().double().sum()
         self.counts[name] += values.numel()
 
     def pop(self) -> dict[str, float]:
-        out = {k: round(self.sums[k] / self.counts[k], 6) for k in self.sums if self.counts[k]}
+        out = {
+            k: round(float(self.sums[k]) / self.counts[k], 6) for k in self.sums if self.counts[k]
+        }
         self.sums.clear()
         self.counts.clear()
         return out
