@@ -19,6 +19,7 @@ from tunelab.cli import doctor as doctor_cli
 from tunelab.cli import evaluate as eval_cli
 from tunelab.cli import lr_find as lr_find_cli
 from tunelab.cli import models as models_cli
+from tunelab.cli import plan as plan_cli
 from tunelab.cli import train as train_cli
 from tunelab.errors import TunelabError
 
@@ -36,6 +37,7 @@ app.command("baseline")(eval_cli.baseline_command)
 app.command("compare")(eval_cli.compare_command)
 app.command("doctor")(doctor_cli.doctor)
 app.command("lr-find")(lr_find_cli.lr_find)
+app.command("plan")(plan_cli.plan)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")

@@ -312,6 +312,37 @@ class EvalConfig(Section):
         return value
 
 
+#: On-demand $/hour per card: illustrative 2025 list prices of large clouds, not a quote —
+#: set plan.gpu_prices to what you pay (docs/plan.md).
+GPU_PRICES = {"T4-16GB": 0.35, "L4-24GB": 0.80, "A100-40GB": 1.29, "L40S-48GB": 1.00,
+              "H100-80GB": 2.99, "GH200-96GB": 3.19, "H200-141GB": 3.50}  # fmt: skip
+#: $ per 1k training tokens of hosted fine-tuning APIs, as published (OpenAI pricing page,
+#: 2025-06: gpt-4o-mini $3 and gpt-4.1-mini $5 per 1M training tokens; docs/plan.md).
+API_PRICES = {"openai-gpt-4o-mini": 0.003, "openai-gpt-4.1-mini": 0.005}
+
+
+class PlanConfig(Section):
+    """`tunelab plan`: prices, and the throughput assumed until a run here measures it."""
+
+    gpu_prices: dict[str, float] = Field(
+        default_factory=lambda: dict(GPU_PRICES),
+        description="$ per hour of each card plan quotes (illustrative list prices: set yours).",
+    )
+    api_prices: dict[str, float] = Field(
+        default_factory=lambda: dict(API_PRICES),
+        description="$ per 1k training tokens of hosted fine-tuning APIs, for comparison.",
+    )
+    mfu: float = Field(
+        0.35, gt=0, le=1,
+        description="GPU: share of a card's peak bf16 FLOP/s assumed when no run on that kind "
+        "of card is in the run history (output_dir) to calibrate it.",
+    )  # fmt: skip
+    cpu_gflops_per_core: float = Field(
+        40.0, gt=0,
+        description="CPU: training GFLOP/s per core assumed when no CPU run is in the history.",
+    )  # fmt: skip
+
+
 class Config(Section):
     """The whole configuration of a tunelab run."""
 
@@ -323,3 +354,4 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,3 +49,19 @@ def choose_placement(cfg: ModelConfig) -> Placement:
     if precision == "fp16" and not use_cuda:
         raise ConfigError("model.precision: 'fp16' needs a CUDA GPU (use fp32 or bf16 on the CPU)")
     return Placement(device, precision)
+
+
+def device_name(kind: str) -> str:
+    """The device as the run history records it ('cuda:NVIDIA H100 80GB HBM3',
+    'cpu:AMD EPYC 9R14 x2'): what ``tunelab plan`` calibrates its time by."""
+    if kind == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{model} x{os.cpu_count()}"

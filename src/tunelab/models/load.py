@@ -193,17 +193,18 @@ def load_model(
     return model, tok
 
 
-def load_model_config(name: str) -> dict:
+def load_model_config(name: str, *, need_weights: bool = True) -> dict:
     """The model's ``config.json`` as a dict (architecture and sizes): no weights, and none of
     transformers' model modules imported (a second saved on a dry run). A local folder without
     any weight file is refused here, before anything else is done (its files are listed, not
-    read). A run folder that ended as an adapter has its base model's config."""
+    read) — unless ``need_weights`` is false (``tunelab plan`` sizes a model from its config
+    alone). A run folder that ended as an adapter has its base model's config."""
     adapter = run_adapter(name)
     if adapter is not None:
-        return load_model_config(adapter[0])
+        return load_model_config(adapter[0], need_weights=need_weights)
     source = resolve_model(name)
     if isinstance(source, Path):
-        if not any(p.suffix in WEIGHT_SUFFIXES for p in source.iterdir()):
+        if need_weights and not any(p.suffix in WEIGHT_SUFFIXES for p in source.iterdir()):
             raise ModelError(f"{source}: no weights (model*.safetensors) in this folder")
         path = source / "config.json"
         try:

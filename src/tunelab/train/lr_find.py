@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,15 @@ class LrFind:
     steepest: float | None
     safe: float | None
     reason: str  # the proposal in words
+    setup: dict = field(default_factory=dict)  # what was tested (see lr_find_setup)
+
+
+def lr_find_setup(cfg) -> dict:
+    """The settings a learning-rate proposal holds for (``tunelab plan`` uses a saved result
+    only when they match its config)."""
+    return {"model": cfg.model.name, "data": cfg.data.path, "objective": cfg.train.objective,
+            "method": cfg.method.model_dump(mode="json"),
+            "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum}  # fmt: skip
 
 
 def rates(start: float, end: float, steps: int) -> list[float]:

@@ -23,11 +23,12 @@ from tunelab.config.schema import Config
 from tunelab.data.pipeline import load_examples, tokenize_examples
 from tunelab.data.split import split_indices
 from tunelab.data.tokenize import TokenizedExample
-from tunelab.errors import ConfigError, DataError, Problem, TunelabError
+from tunelab.errors import ConfigError, DataError, ModelError, Problem, TunelabError
 from tunelab.files import file_sha256
 from tunelab.models.device import Placement, choose_placement
 from tunelab.models.load import describe_config, load_model_config, model_fingerprint, resolve_model
 from tunelab.models.methods import Method, get_method
+from tunelab.models.shape import model_shape
 from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
 from tunelab.train.objectives import Objective, get_objective
@@ -83,6 +84,23 @@ class RunPlan:
         parts += [f"{n} dropped: {reason}" for reason, n in sorted(self.dropped.items()) if n]
         return "; ".join(parts)
 
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per real token of this run (PERFORMANCE.md's arithmetic); None for a
+        model family tunelab cannot size."""
+        try:
+            shape = model_shape(self.model_config)
+        except ModelError:
+            return None
+        seqs = [t.seq for t in self.train] + [t.rejected for t in self.train if t.rejected is not None]
+        lengths = [len(s) for s in seqs]
+        weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(sum(lengths) - len(seqs), 1)
+        adapter = 0 if self.method.trains_base else self.method.trainable_params(shape)
+        return shape.train_flops_per_token(
+            trains_base=self.method.trains_base, adapter=adapter,
+            s_eff=sum(x * x for x in lengths) / sum(lengths), head_share=weighted,
+            recompute=self.cfg.model.gradient_checkpointing,
+        )  # fmt: skip
+
     @property
     def train_tokens(self) -> int:
         """Tokens of the training sequences (a pair's rejected answer included)."""
@@ -131,7 +149,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     """Decide the run ``cfg`` describes (``resume``: a run folder to continue). Reads the data
     and the tokenizer, never the model's weights — except, with ``read_weights``, to hash them
     for the fingerprint (a resume always does, to compare)."""
-    _check_files(cfg)
+    check_files(cfg)
     placement = choose_placement(cfg.model)
     method = get_method(cfg.method)
     method.check(placement)
@@ -142,7 +160,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     objective.check_data(examples + (val_examples or []))
     model_config = load_model_config(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
-    train, val, dropped, truncated = _datasets(cfg, tokenizer, examples, val_examples)
+    train, val, dropped, truncated = datasets(cfg, tokenizer, examples, val_examples)
     objective_notes = objective.prepare(train, val, cfg)
     # every data check is done: only now are the weights hashed (to fingerprint the run)
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
@@ -242,7 +260,7 @@ def resume_point(run_dir: Path, fingerprint: dict) -> tuple[Path | None, list[st
     )
 
 
-def _check_files(cfg: Config) -> None:
+def check_files(cfg: Config) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path: missing (the training data file)")
     for key in ("path", "val_path"):
@@ -251,7 +269,7 @@ def _check_files(cfg: Config) -> None:
             raise DataError(Problem(str(value), None, None, f"data.{key}: file not found"))
 
 
-def _datasets(cfg: Config, tokenizer, examples, val_examples):
+def datasets(cfg: Config, tokenizer, examples, val_examples):
     if cfg.data.val_path:
         train_ex, val_ex = examples, val_examples
     elif cfg.data.val_ratio > 0:

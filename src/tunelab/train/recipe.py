@@ -22,6 +22,7 @@ from tunelab.checkpoint.manager import CheckpointManager
 from tunelab.checkpoint.state import load_state
 from tunelab.config.load import dump_config
 from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
+from tunelab.models.device import device_name
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
 from tunelab.train.doctor import write_doctor
@@ -174,6 +175,8 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "name": plan.run_dir.name, "model": cfg.model.name, "method": cfg.method.model_dump(mode="json"),
         "objective": plan.objective.name,
         "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
+        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision,
+        "train_flops_per_token": plan.flops_per_token(),
         "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
         "truncated": plan.truncated, "truncation": plan.truncation() or None,
         "steps": state.step, "steps_run": outcome.steps_run,

@@ -10,7 +10,7 @@ import torch
 
 from tunelab.config.schema import Config
 from tunelab.errors import ConfigError
-from tunelab.train.lr_find import LrFind, lr_find, write_lr_find
+from tunelab.train.lr_find import LrFind, lr_find, lr_find_setup, write_lr_find
 from tunelab.train.plan import build_plan
 from tunelab.train.recipe import load
 from tunelab.train.reference import adapter_disabled, frozen_copy
@@ -36,5 +36,6 @@ def find_lr(
 
     result = lr_find(plan, model, start=start, end=end, steps=steps,
                      autocast=autocast if dtype is not None else None, progress=progress)  # fmt: skip
+    result.setup = lr_find_setup(cfg)
     write_lr_find(result, out_dir)
     return result

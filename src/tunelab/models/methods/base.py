@@ -73,6 +73,26 @@ class Method:
         """What this method could change to need less memory (the OOM message lists these)."""
         return []
 
+    # -- sizes, from the model's shape alone (tunelab plan: models/memory.py) ---------------
+    def check_shape(self, shape) -> None:
+        """Refuse settings this model's shape cannot take (apply checks the same on weights)."""
+    def trainable_params(self, shape) -> int:
+        """Parameters this method trains on a model of ``shape`` (a models.shape.ModelShape)."""
+        return shape.params
+
+    def weight_bytes(self, shape, precision: str) -> int:
+        """The model's weights as this method holds them: trained weights in fp32 (master
+        weights; autocast computes in half), frozen ones in the compute precision."""
+        return shape.params * (4 if self.trains_base or precision == "fp32" else 2)
+
+    def trained_layers(self, shape) -> int:
+        """Decoder layers that keep activations for the backward pass."""
+        return shape.layers
+
+    def trains_embedding(self, shape) -> bool:
+        """Whether the embedding gets a gradient (out of a tied head, early in the backward)."""
+        return False
+
     def describe(self) -> str:
         values = self.cfg.model_dump(mode="json")
         shown = ", ".join(

@@ -50,6 +50,17 @@ class Freeze(Method):
     def memory_advice(self) -> list[str]:
         return ["LoRA instead of full fine-tuning (method.name=lora)"]
 
+    def check_shape(self, shape) -> None:
+        if self.cfg.trainable_layers > shape.layers:
+            raise ConfigError(f"method.trainable_layers: {self.cfg.trainable_layers} but the model "
+                              f"has {shape.layers} transformer layers")  # fmt: skip
+
+    def trained_layers(self, shape) -> int:
+        return min(self.cfg.trainable_layers, shape.layers)
+
+    def trainable_params(self, shape) -> int:
+        return self.trained_layers(shape) * shape.layer_params
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer layers: the first ``nn.ModuleList`` named ``...model.layers``,

@@ -18,3 +18,6 @@ class Full(Method):
 
     def memory_advice(self) -> list[str]:
         return ["LoRA instead of full fine-tuning (method.name=lora)"]
+
+    def trains_embedding(self, shape) -> bool:
+        return True

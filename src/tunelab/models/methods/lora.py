@@ -69,6 +69,20 @@ class LoRA(Method):
     def memory_advice(self) -> list[str]:
         return ["QLoRA (method.name=qlora, 4-bit base weights)"]
 
+    def check_shape(self, shape) -> None:
+        if not isinstance(self.cfg.targets, list):
+            return
+        names = [x.name for x in shape.linears] + ["lm_head"]
+        missing = [t for t in self.cfg.targets if t not in names]
+        if missing:
+            raise ConfigError(
+                f"method.targets: {', '.join(map(repr, missing))} match no module of this model; "
+                f"its linear modules are: {', '.join(names)} (or use all-linear | attention | qv)"
+            )
+
+    def trainable_params(self, shape) -> int:
+        return shape.lora_params(self.cfg.r, self.cfg.targets, self.cfg.dora)
+
     def _require_peft(self, model: nn.Module) -> None:
         from peft import PeftModel
 
@@ -110,6 +124,12 @@ class QLoRA(LoRA):
 
     def memory_advice(self) -> list[str]:
         return ["4-bit base weights (method.bits=4)"] if self.cfg.bits == 8 else []
+
+    def weight_bytes(self, shape, precision: str) -> int:
+        """Decoder linears quantised (NF4 with double-quantised block scales: ~4.127 bits;
+        int8 with row scales); embeddings, head and norms in 16 bits."""
+        bits = {4: 4.127, 8: 8.0}[self.cfg.bits]
+        return int(shape.linear_params * bits / 8) + 2 * (shape.params - shape.linear_params)
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | str) -> list[str] | str:

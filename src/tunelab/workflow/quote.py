@@ -1,0 +1,326 @@
+"""``tunelab plan``: the quote before a run — memory broken down and fitted against devices,
+steps, time and cost — from the config, the data's real token counts and the model's
+``config.json`` alone. No weight is read; a model folder with only its config.json will do.
+
+Memory comes from :mod:`tunelab.models.memory`, FLOPs from :mod:`tunelab.models.shape`; time
+divides FLOPs by a throughput calibrated from the newest finished run on the same kind of
+device in the run history (``train.output_dir``), or by a stated assumption
+(``plan.mfu``, ``plan.cpu_gflops_per_core``). Recommendations: :mod:`tunelab.workflow.advise`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tunelab.config.schema import Config
+from tunelab.data.pipeline import load_examples
+from tunelab.errors import ConfigError, ModelError, TunelabError
+from tunelab.models.device import device_name
+from tunelab.models.load import load_model_config, resolve_model
+from tunelab.models.memory import GIB, Activity, Memory, estimate_memory, rule_of_thumb
+from tunelab.models.methods import get_method
+from tunelab.models.shape import ModelShape, model_shape
+from tunelab.models.tokenizer import load_tokenizer
+from tunelab.train.batches import StepPlan
+from tunelab.train.objectives import get_objective
+from tunelab.train.plan import check_files, datasets
+
+#: card -> (memory in GB, dense bf16 peak in TFLOP/s; the T4's is fp16, it has no bf16)
+CARDS = {"T4-16GB": (16, 65), "L4-24GB": (24, 121), "A100-40GB": (40, 312),
+         "L40S-48GB": (48, 362), "H100-80GB": (80, 989), "GH200-96GB": (96, 989),
+         "H200-141GB": (141, 989)}  # fmt: skip
+FEW_STEPS, MANY_STEPS = 50, 100_000
+CHARS_PER_TOKEN = 4  # the length estimate when the model folder has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class DataShape:
+    examples: int
+    tokens: int  # training tokens per epoch (a pair's two sequences both)
+    median_len: int
+    max_len: int
+    worst_batch: tuple[int, int]  # (sequences, padded length) of the largest micro-batch
+    weighted_share: float  # share of targets with loss weight > 0 (the LM head computes those)
+    s_eff: float  # sum l^2 / sum l: the attention FLOPs' sequence length
+    pairs: bool
+    estimated: str | None = None  # why lengths are estimated from characters, if they are
+
+
+@dataclass
+class Device:
+    name: str
+    memory_gib: float
+    fits: bool
+    max_micro_batch: int  # 0: not even one sequence fits
+    grad_accum: int  # keeps the requested global batch at that micro-batch
+    hours: float | None = None
+    cost: float | None = None
+
+
+@dataclass
+class Quote:
+    cfg: Config
+    shape: ModelShape
+    data: DataShape
+    memory: Memory
+    rule_of_thumb: int
+    steps_per_epoch: int
+    total_steps: int
+    flops_per_token: float
+    throughput: float  # FLOP/s this machine is expected to train at
+    throughput_source: str
+    seconds: float  # on this machine
+    devices: list[Device]
+    savings: list[tuple[str, int]]  # (change, peak after it) when the configured run does not fit
+    api_costs: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    here: str = "cpu"
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("cfg", "shape", "memory")}
+        out["model"] = dict(name=self.cfg.model.name, family=self.shape.family,
+                            params=self.shape.params, layers=self.shape.layers,
+                            hidden=self.shape.hidden, vocab=self.shape.vocab)  # fmt: skip
+        out["memory"] = self.memory.as_dict()
+        return out
+
+
+def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
+    """The quote for ``cfg`` (``history``: the run folders to calibrate from; default
+    ``train.output_dir``). Every check of ``tunelab train`` on the data and the model's config
+    runs first; the device and method are *not* required to exist here (QLoRA can be quoted on
+    a machine without CUDA)."""
+    check_files(cfg)
+    objective = get_objective(cfg)
+    shape = model_shape(_model_config(cfg.model.name), where=f"model.name {cfg.model.name}")
+    get_method(cfg.method).check_shape(shape)
+    examples = load_examples(cfg.data.path, cfg.data)
+    objective.check_data(examples)
+    data = _data_shape(cfg, examples)
+    t = cfg.train
+    steps = StepPlan([1] * data.examples, micro_batch_size=t.micro_batch_size,
+                     grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
+    total = steps.total_steps(t.epochs, t.max_steps)
+    here = _here()
+    memory = estimate(shape, cfg, activity(cfg, data, here))
+    fpt = shape.train_flops_per_token(
+        trains_base=get_method(cfg.method).trains_base, adapter=memory.trainable,
+        s_eff=data.s_eff, head_share=data.weighted_share, recompute=cfg.model.gradient_checkpointing,
+    )  # fmt: skip
+    tokens = data.tokens * total / max(steps.steps_per_epoch, 1)
+    throughput, source = calibrate(cfg, here, history or Path(cfg.train.output_dir))
+    quote = Quote(
+        cfg=cfg, shape=shape, data=data, memory=memory, rule_of_thumb=rule_of_thumb(shape, "bf16"),
+        steps_per_epoch=steps.steps_per_epoch, total_steps=total, flops_per_token=fpt,
+        throughput=throughput, throughput_source=source, seconds=tokens * fpt / throughput,
+        devices=[], savings=[], here=here,
+        api_costs={k: v * tokens / 1000 for k, v in cfg.plan.api_prices.items()},
+    )  # fmt: skip
+    quote.devices = fit_devices(quote, tokens * fpt)
+    quote.warnings = _warnings(quote)
+    if not quote.devices[0].fits:
+        quote.savings = savings(quote)
+    return quote
+
+
+def estimate(shape: ModelShape, cfg: Config, act: Activity) -> Memory:
+    return estimate_memory(shape, get_method(cfg.method), act)
+
+
+def _model_config(name: str) -> dict:
+    try:
+        return load_model_config(name, need_weights=False)
+    except ModelError:
+        raise
+    except TunelabError as e:
+        raise ModelError(str(e)) from None
+
+
+def activity(cfg: Config, data: DataShape, device: str, micro_batch: int | None = None) -> Activity:
+    """The step's activity at the configured (or another) micro-batch on ``device``."""
+    seqs, length = data.worst_batch
+    if micro_batch is not None:
+        seqs, length = micro_batch * (2 if data.pairs else 1), data.max_len
+    precision = cfg.model.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    reference = (get_objective(cfg).uses_reference and get_method(cfg.method).trains_base
+                 and cfg.train.preference.precompute_ref is False)  # fmt: skip
+    return Activity(
+        micro_batch=seqs, seq_len=length,
+        weighted_tokens=max(1, round(seqs * (length - 1) * data.weighted_share)),
+        precision=precision, device=device,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, reference_copy=reference,
+    )  # fmt: skip
+
+
+def _data_shape(cfg: Config, examples) -> DataShape:
+    """Token counts of the training split, from the model's tokenizer (or from characters when
+    the model folder has none, said so)."""
+    estimated, source = None, cfg.model.tokenizer or resolve_model(cfg.model.name)
+    try:
+        if isinstance(source, Path) and not any((source / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{source}: no tokenizer files")  # a config-only folder
+        tokenizer = load_tokenizer(source)
+    except ModelError as e:
+        tokenizer = None
+        estimated = f"no tokenizer ({e}): lengths estimated at {CHARS_PER_TOKEN} characters a token"
+    if tokenizer is not None:
+        train, _, _, _ = datasets(cfg, tokenizer, examples, None)
+        seqs = [t.seq for t in train] + [t.rejected for t in train if t.rejected is not None]
+        lengths = [len(s) for s in seqs]
+        targets = sum(len(s) - 1 for s in seqs)
+        weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(targets, 1)
+        pairs = any(t.rejected is not None for t in train)
+        n = len(train)
+    else:
+        lengths = [min(cfg.data.max_seq_len, 8 + len(repr(e)) // CHARS_PER_TOKEN)
+                   for e in examples]  # fmt: skip
+        weighted, pairs, n = 1.0 if cfg.data.prompt_loss_weight > 0 else 0.5, False, len(examples)
+    per_row = 2 if pairs else 1
+    steps = StepPlan(lengths[:n], micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, seed=cfg.train.seed)
+    worst = max((len(mb) * max(lengths[i] for i in mb), len(mb), max(lengths[i] for i in mb))
+                for step in steps.epoch(0) for mb in step)  # fmt: skip
+    return DataShape(
+        examples=n, tokens=sum(lengths), median_len=int(statistics.median(lengths)),
+        max_len=max(lengths), worst_batch=(worst[1] * per_row, worst[2]),
+        weighted_share=round(weighted, 4), s_eff=sum(x * x for x in lengths) / sum(lengths),
+        pairs=pairs, estimated=estimated,
+    )  # fmt: skip
+
+
+def _here() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def calibrate(cfg: Config, kind: str, history: Path) -> tuple[float, str]:
+    """(FLOP/s, where the number comes from): the newest finished run in ``history`` on this
+    kind of device that recorded its throughput; else the stated assumption."""
+    here = device_name(kind)
+    runs = sorted(history.glob("*/result.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in runs if history.is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+            recorded = info.get("device_name") or info.get("device")
+            rate, fpt = info.get("tokens_per_s"), info.get("train_flops_per_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded in (here, kind) and rate and fpt and kind == here.split(":")[0]:
+            return rate * fpt, (f"calibrated from run {path.parent} ({rate:,.0f} tokens/s x "
+                                f"{fpt / 1e9:.2f} GFLOP/token)")  # fmt: skip
+    if kind == "cuda":
+        peak = _card_peak(here) or 312
+        return peak * 1e12 * cfg.plan.mfu, (f"assumed {cfg.plan.mfu:.0%} MFU of {peak} TFLOP/s "
+                                            "(no run on this GPU in the history yet)")  # fmt: skip
+    cores = os.cpu_count() or 1
+    return cfg.plan.cpu_gflops_per_core * 1e9 * cores, (
+        f"assumed {cfg.plan.cpu_gflops_per_core:g} GFLOP/s per core x {cores} "
+        "(no CPU run in the history yet; the first run calibrates it)")  # fmt: skip
+
+
+def _card_peak(name: str) -> int | None:
+    for card, (_, peak) in CARDS.items():
+        if card.split("-")[0] in name:
+            return peak
+    return None
+
+
+def max_micro_batch(cfg: Config, quote: Quote, kind: str, capacity: float, limit: int = 256) -> int:
+    """The largest micro-batch (of the longest sequences) whose peak fits ``capacity`` bytes."""
+    best = 0
+    b = 1
+    while b <= limit:
+        need = estimate(quote.shape, cfg, activity(cfg, quote.data, kind, b)).peak
+        if need > capacity:
+            break
+        best, b = b, b * 2
+    return best
+
+
+def fit_devices(quote: Quote, flops: float) -> list[Device]:
+    """This machine first (its GPU, else its RAM), then the common cards."""
+    import torch
+
+    cfg, out = quote.cfg, []
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum
+    rows = []
+    if quote.here == "cuda":
+        rows.append(("this machine (GPU)", torch.cuda.get_device_properties(0).total_memory, "cuda", None))
+    else:
+        rows.append(("this machine (RAM)", _ram(), "cpu", None))
+    rows += [(card, gb * 1e9, "cuda", peak) for card, (gb, peak) in CARDS.items()]
+    for name, capacity, kind, peak in rows:
+        q = replace(quote, memory=estimate(quote.shape, cfg, activity(cfg, quote.data, kind)))
+        mb = max_micro_batch(cfg, q, kind, capacity, limit=global_batch)
+        device = Device(name=name, memory_gib=round(capacity / GIB, 1), fits=q.memory.peak <= capacity,
+                        max_micro_batch=mb, grad_accum=math.ceil(global_batch / mb) if mb else 0)  # fmt: skip
+        if peak is not None:
+            device.hours = flops / (peak * 1e12 * cfg.plan.mfu) / 3600
+            price = cfg.plan.gpu_prices.get(name)
+            device.cost = None if price is None else price * device.hours
+        out.append(device)
+    return out
+
+
+def _ram() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def savings(quote: Quote) -> list[tuple[str, int]]:
+    """What each usual change would bring the peak on this machine down to."""
+    cfg = quote.cfg
+    changes = [
+        ("gradient checkpointing (model.gradient_checkpointing=true)", {"model": {"gradient_checkpointing": True}}),
+        ("QLoRA 4-bit (method.name=qlora, CUDA only)", {"method": {"name": "qlora", "bits": 4}}),
+        ("LoRA (method.name=lora)", {"method": {"name": "lora"}}),
+        ("half the sequence length (data.max_seq_len)", {"data": {"max_seq_len": max(16, quote.data.max_len // 2)}}),
+        ("micro-batch 1 (train.micro_batch_size=1, more accumulation)", {"train": {"micro_batch_size": 1}}),
+        ("rank 8 (method.r=8)", {"method": {"r": 8}}),
+    ]  # fmt: skip
+    out = []
+    for label, update in changes:
+        changed = _updated(cfg, update)
+        if changed.model_dump() == cfg.model_dump():
+            continue
+        data = quote.data
+        if "data" in update:
+            cut = update["data"]["max_seq_len"]
+            data = replace(data, max_len=cut, worst_batch=(data.worst_batch[0], min(cut, data.worst_batch[1])))
+        if "train" in update:
+            data = replace(data, worst_batch=(2 if data.pairs else 1, data.max_len))
+        peak = estimate(quote.shape, changed, activity(changed, data, quote.here)).peak
+        if peak < quote.memory.peak:
+            out.append((label, peak))
+    return sorted(out, key=lambda x: x[1])
+
+
+def _updated(cfg: Config, update: dict) -> Config:
+    raw = cfg.model_dump()
+    for section, values in update.items():
+        raw[section].update(values)
+    try:
+        return Config.model_validate(raw)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _warnings(quote: Quote) -> list[str]:
+    out = []
+    if quote.total_steps < FEW_STEPS:
+        out.append(f"only {quote.total_steps} optimizer steps: the schedule has no room (warmup and "
+                   f"decay need some; aim for {FEW_STEPS}+ with more epochs or a smaller batch)")  # fmt: skip
+    if quote.total_steps > MANY_STEPS:
+        out.append(f"{quote.total_steps:,} optimizer steps: consider a larger global batch")
+    if quote.data.estimated:
+        out.append(quote.data.estimated)
+    if not any(d.fits for d in quote.devices):
+        out.append("the configured run fits none of the devices quoted: see 'what would fit'")
+    return out

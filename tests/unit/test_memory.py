@@ -1,0 +1,94 @@
+"""The memory estimate: golden totals for the default model's shape (checked against torch's
+memory tracker in bench/plan_memory.py; docs/plan.md has the table) and each component's
+behaviour — what checkpointing, QLoRA, a reference copy, freeze and precision change."""
+
+import pytest
+
+from tunelab.config.schema import MethodConfig
+from tunelab.models.memory import Activity, estimate_memory, rule_of_thumb
+from tunelab.models.methods import get_method
+from tunelab.models.shape import model_shape
+
+SMOLLM2 = model_shape(dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                           tie_word_embeddings=True, head_dim=64))  # fmt: skip
+LLAMA_8B = model_shape(dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                            tie_word_embeddings=False, head_dim=128))  # fmt: skip
+MIB = 2**20
+
+
+def M(**kw):
+    return get_method(MethodConfig(**kw))
+
+
+def _act(**kw):
+    base = dict(micro_batch=4, seq_len=128, weighted_tokens=508, precision="fp32", device="cpu")
+    return Activity(**(base | kw))
+
+
+def test_golden_totals_of_the_default_model():
+    """MemTracker on fake tensors measured 2,534 MiB (full) and 1,501 MiB (LoRA) for these."""
+    full = estimate_memory(SMOLLM2, M(name="full"), _act())
+    lora = estimate_memory(SMOLLM2, M(name="lora"), _act())
+    assert round(full.tensors / MIB) == 2554
+    assert round(lora.tensors / MIB) == 1476
+    assert full.trainable == 134_515_008 and lora.trainable == 4_884_480
+    assert full.optimizer == 8 * full.trainable and full.gradients == 4 * full.trainable
+    assert lora.peak - lora.tensors == 768 * MIB  # the CPU runtime
+
+
+def test_gradient_checkpointing_keeps_only_layer_inputs():
+    plain = estimate_memory(SMOLLM2, M(name="lora"), _act(seq_len=512, micro_batch=8))
+    ckpt = estimate_memory(SMOLLM2, M(name="lora"), _act(seq_len=512, micro_batch=8,
+                                                                    gradient_checkpointing=True))  # fmt: skip
+    assert ckpt.activations < plain.activations / 5
+    assert ckpt.weights == plain.weights and ckpt.logits == plain.logits
+
+
+def test_qlora_holds_decoder_linears_in_about_4_bits():
+    lora = estimate_memory(LLAMA_8B, M(name="lora"), _act(precision="bf16", device="cuda"))
+    q4 = estimate_memory(LLAMA_8B, M(name="qlora", bits=4), _act(precision="bf16", device="cuda"))
+    q8 = estimate_memory(LLAMA_8B, M(name="qlora", bits=8), _act(precision="bf16", device="cuda"))
+    assert lora.weights == 2 * LLAMA_8B.params
+    rest = 2 * (LLAMA_8B.params - LLAMA_8B.linear_params)  # embeddings, head, norms in 16 bits
+    assert q4.weights == int(LLAMA_8B.linear_params * 4.127 / 8) + rest
+    assert q8.weights == LLAMA_8B.linear_params + rest
+    assert 5.0 < q4.weights / 2**30 < 5.5 and q4.adapter == lora.adapter
+
+
+def test_a_frozen_reference_copy_doubles_the_weights():
+    alone = estimate_memory(SMOLLM2, M(name="full"), _act())
+    with_copy = estimate_memory(SMOLLM2, M(name="full"), _act(reference_copy=True))
+    assert with_copy.reference == alone.weights
+    assert with_copy.tensors - alone.tensors == alone.weights
+
+
+def test_freeze_saves_activations_only_of_the_trained_layers():
+    two = estimate_memory(SMOLLM2, M(name="freeze", trainable_layers=2), _act())
+    full = estimate_memory(SMOLLM2, M(name="full"), _act())
+    assert two.trainable == 2 * SMOLLM2.layer_params
+    assert two.activations < full.activations / 10
+
+
+def test_half_precision_halves_the_frozen_base_and_the_activations():
+    fp32 = estimate_memory(SMOLLM2, M(name="lora"), _act())
+    bf16 = estimate_memory(SMOLLM2, M(name="lora"), _act(precision="bf16", device="cuda"))
+    assert bf16.weights * 2 == fp32.weights
+    assert bf16.activations * 2 == fp32.activations
+    assert bf16.adapter == fp32.adapter  # adapters stay fp32 (PEFT's default)
+    full = estimate_memory(SMOLLM2, M(name="full"), _act(precision="bf16", device="cuda"))
+    assert full.weights == 4 * SMOLLM2.params  # trained weights are fp32 master weights
+
+
+def test_the_head_computes_only_weighted_targets_a_chunk_at_a_time():
+    few = estimate_memory(SMOLLM2, M(name="lora"), _act(weighted_tokens=100))
+    many = estimate_memory(SMOLLM2, M(name="lora"), _act(micro_batch=64, weighted_tokens=8000))
+    assert few.logits < many.logits
+    chunk = 3 * 512 * SMOLLM2.vocab * 4
+    assert many.logits - chunk == 8000 * SMOLLM2.hidden * 4  # the chunk is capped; the rows are not
+
+
+@pytest.mark.parametrize("shape", [SMOLLM2, LLAMA_8B])
+def test_rule_of_thumb_is_two_and_a_half_weights(shape):
+    assert rule_of_thumb(shape, "bf16") == int(2.5 * 2 * shape.params)
