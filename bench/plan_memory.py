@@ -88,7 +88,9 @@ def tracked_peak(shape: dict, method: str, batch: int, seq: int, ckpt: bool) -> 
     with FakeTensorMode():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             model.enable_input_require_grads()
         # PEFT moves each new module onto its base layer's device and dtype with .to(), which
         # cannot swap fake parameters; built inside the fake mode they already are (fp32, cpu)
@@ -103,7 +105,6 @@ def tracked_peak(shape: dict, method: str, batch: int, seq: int, ckpt: bool) -> 
         ids = torch.randint(3, shape["vocab_size"], (batch, seq))
         mask = torch.ones(batch, seq, dtype=torch.long)
         pos = torch.arange(seq).expand(batch, seq)
-        weights = torch.ones(batch, seq)
         _frozen_safe_hooks()
         tracker = MemTracker()
         tracker.track_external(model, opt)
@@ -127,7 +128,14 @@ def every_target_loss(model, ids, mask, pos):
     hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     rows = hidden.last_hidden_state[:, :-1].reshape(-1, hidden.last_hidden_state.shape[-1])
     targets = ids[:, 1:].reshape(-1)
-    return chunked_head_nll_sum(rows, lambda h: torch.nn.functional.linear(h, head_weight), softcap, targets, torch.ones(targets.shape), HEAD_CHUNK)
+    return chunked_head_nll_sum(
+        rows,
+        lambda h: torch.nn.functional.linear(h, head_weight),
+        softcap,
+        targets,
+        torch.ones(targets.shape),
+        HEAD_CHUNK,
+    )
 
 
 def estimate(shape: dict, method: str, batch: int, seq: int, ckpt: bool):
@@ -139,7 +147,9 @@ def estimate(shape: dict, method: str, batch: int, seq: int, ckpt: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", nargs="*", help="Case names to run (default: all).")
     ap.add_argument("--json", help="Write the rows here too.")
     args = ap.parse_args()

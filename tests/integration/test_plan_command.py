@@ -31,10 +31,17 @@ def folder_8b(tmp_path):
 
 
 def _args(tmp_path, model, data, *extra):
-    return [f"model.name={model}", f"data.path={data}", f"train.output_dir={tmp_path / 'runs'}", *extra]
+    return [
+        f"model.name={model}",
+        f"data.path={data}",
+        f"train.output_dir={tmp_path / 'runs'}",
+        *extra,
+    ]
 
 
-def test_plan_on_the_tiny_model_prints_every_part(tmp_path, model_dir, data_file, no_weights_read, capsys):
+def test_plan_on_the_tiny_model_prints_every_part(
+    tmp_path, model_dir, data_file, no_weights_read, capsys
+):
     assert main(["plan", *_args(tmp_path, model_dir, data_file, "train.micro_batch_size=2")]) == 0
     out = capsys.readouterr().out
     for part in ["llama", "14 training examples", "memory on cpu (fp32)", "weights", "optimizer",
@@ -47,8 +54,12 @@ def test_plan_on_the_tiny_model_prints_every_part(tmp_path, model_dir, data_file
     assert not (tmp_path / "runs").exists()  # plan writes nothing
 
 
-def test_8b_shape_folder_with_only_config_json(tmp_path, folder_8b, data_file, no_weights_read, capsys):
-    assert main(["plan", "--json", *_args(tmp_path, folder_8b, data_file, "method.name=qlora")]) == 0
+def test_8b_shape_folder_with_only_config_json(
+    tmp_path, folder_8b, data_file, no_weights_read, capsys
+):
+    assert (
+        main(["plan", "--json", *_args(tmp_path, folder_8b, data_file, "method.name=qlora")]) == 0
+    )
     quote = json.loads(capsys.readouterr().out)
     assert quote["model"]["params"] == 8_030_261_248  # Llama-3.1-8B
     assert "no tokenizer" in quote["data"]["estimated"]
@@ -94,7 +105,9 @@ def test_first_run_calibrates_the_time(tmp_path, model_dir, data_file):
     assert result["device_name"] == device_name("cpu") and result["train_flops_per_token"] > 0
     after = make_quote(cfg, history=tmp_path)
     assert after.throughput_source.startswith(f"calibrated from run {tmp_path / 'run'}")
-    assert after.throughput == pytest.approx(result["tokens_per_s"] * result["train_flops_per_token"])
+    assert after.throughput == pytest.approx(
+        result["tokens_per_s"] * result["train_flops_per_token"]
+    )
 
 
 def test_a_run_on_another_device_does_not_calibrate(tmp_path, model_dir, data_file):

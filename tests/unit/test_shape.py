@@ -33,7 +33,9 @@ def test_parameter_count_equals_the_model_transformers_builds(family):
     config, model = _built(family, **FAMILIES[family])
     shape = model_shape(config.to_dict())
     assert shape.params == sum(p.numel() for p in model.parameters())
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
     assert {x.name for x in shape.linears} == linear - {"lm_head"}
 
 
@@ -47,10 +49,19 @@ def test_lora_size_equals_peft(family, targets):
     config, model = _built(family, **FAMILIES[family])
     shape = model_shape(config.to_dict())
     preset = {"attention": shape.targeted("attention"), "qv": shape.targeted("qv")}
-    names = "all-linear" if targets == "all-linear" else [x.name for x in preset[targets]] if isinstance(targets, str) else targets
+    names = (
+        "all-linear"
+        if targets == "all-linear"
+        else [x.name for x in preset[targets]]
+        if isinstance(targets, str)
+        else targets
+    )
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=names))
     trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert get_method(MethodConfig(name="lora", r=8, targets=targets)).trainable_params(shape) == trained
+    assert (
+        get_method(MethodConfig(name="lora", r=8, targets=targets)).trainable_params(shape)
+        == trained
+    )
 
 
 def test_flops_per_token_match_the_performance_table():
@@ -87,4 +98,7 @@ def test_incomplete_config_is_named():
 def test_gemma3_multimodal_config_is_sized_by_its_text_model():
     text = dict(model_type="gemma3_text", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=1000)  # fmt: skip
-    assert model_shape({"model_type": "gemma3", "text_config": text}).params == model_shape(text).params
+    assert (
+        model_shape({"model_type": "gemma3", "text_config": text}).params
+        == model_shape(text).params
+    )

@@ -18,7 +18,9 @@ def plan(
     write: Path | None = typer.Option(None, "--write", help="Write the recommended config here."),
     as_json: bool = typer.Option(False, "--json", help="Print the quote as JSON."),
     lr_find: Path | None = typer.Option(
-        None, "--lr-find", help="An lr_find.json to take the lr from (default: <output_dir>/lr-find)."
+        None,
+        "--lr-find",
+        help="An lr_find.json to take the lr from (default: <output_dir>/lr-find).",
     ),
 ) -> None:
     """Quote a run: memory by component and what fits where, steps, time, cost, and the
@@ -36,7 +38,11 @@ def plan(
     if write is not None:
         atomic_write_text(write, dump_config(apply_advice(cfg, advice)))
     if as_json:
-        print(json.dumps({**quote.as_dict(), "advice": [a.to_dict() for a in advice]}, indent=2, default=str))
+        print(
+            json.dumps(
+                {**quote.as_dict(), "advice": [a.to_dict() for a in advice]}, indent=2, default=str
+            )
+        )
         return
     show(quote, advice)
     if write is not None:
@@ -68,13 +74,17 @@ def show(quote, advice) -> None:
                   f"{d.weighted_share:.0%} of targets carry loss weight")  # fmt: skip
     console.print(f"[bold]method[/]  {cfg.method.name}, {m.trainable:,} trainable parameters; "
                   f"largest micro-batch: {seqs} sequences x {length} tokens (padded)")  # fmt: skip
-    table = Table(title=f"memory on {quote.here} ({_precision(cfg, quote.here)})", title_justify="left")
+    table = Table(
+        title=f"memory on {quote.here} ({_precision(cfg, quote.here)})", title_justify="left"
+    )
     table.add_column("component")
     table.add_column("size", justify="right")
     for key, value in m.as_dict().items():
         if key in ("tensors", "trainable") or (not value and key != "gradients"):
             continue
-        table.add_row("peak (at the worst moment of the step)" if key == "peak" else key, _gib(value))
+        table.add_row(
+            "peak (at the worst moment of the step)" if key == "peak" else key, _gib(value)
+        )
     console.print(table)
     console.print(f"  sanity: the common rule '~2.5 x the weights' (16-bit) says {_gib(quote.rule_of_thumb)}; "
                   "components do not all peak at once, so the peak is less than their sum")  # fmt: skip
@@ -91,8 +101,10 @@ def show(quote, advice) -> None:
                   f"{quote.flops_per_token / 1e9:.2f} GFLOP per token; this machine: "
                   f"{escape(quote.throughput_source)}; cards: {cfg.plan.mfu:.0%} MFU assumed")  # fmt: skip
     if quote.api_costs:
-        console.print("  hosted fine-tuning APIs, same tokens: "
-                      + ", ".join(f"{k} {_money(v)}" for k, v in quote.api_costs.items()))
+        console.print(
+            "  hosted fine-tuning APIs, same tokens: "
+            + ", ".join(f"{k} {_money(v)}" for k, v in quote.api_costs.items())
+        )
     for change, peak in quote.savings:
         console.print(f"  [bold]what would fit[/]: {escape(change)} -> peak {_gib(peak)}")
     for w in quote.warnings:

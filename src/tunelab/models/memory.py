@@ -112,7 +112,9 @@ def estimate_memory(shape: ModelShape, method: Method, act: Activity) -> Memory:
     rows = min(HEAD_CHUNK, max(act.weighted_tokens, 1))
     hidden_rows = act.weighted_tokens * shape.hidden * act_bytes  # the head's gathered input
     logits = 3 * rows * shape.vocab * 4 + hidden_rows
-    embed_grad = 4 * shape.embedding if method.trains_embedding(shape) else 0  # first out of the head
+    embed_grad = (
+        4 * shape.embedding if method.trains_embedding(shape) else 0
+    )  # first out of the head
     return Memory(
         weights=weights, reference=weights if act.reference_copy else 0, adapter=adapter,
         gradients=4 * trainable, optimizer=8 * trainable, activations=activations + residual,

@@ -52,7 +52,9 @@ class ModelShape:
 
     @property
     def layer_params(self) -> int:
-        return sum(x.fan_in * x.fan_out + x.bias * x.fan_out for x in self.linears) + self.layer_other
+        return (
+            sum(x.fan_in * x.fan_out + x.bias * x.fan_out for x in self.linears) + self.layer_other
+        )
 
     @property
     def embedding(self) -> int:
@@ -85,12 +87,25 @@ class ModelShape:
         return [x for x in self.linears if x.name in names]
 
     def lora_params(self, r: int, targets: list[str] | str, dora: bool = False) -> int:
-        per_layer = sum(r * (x.fan_in + x.fan_out) + dora * x.fan_out for x in self.targeted(targets))
-        head = r * (self.hidden + self.vocab) if isinstance(targets, list) and "lm_head" in targets else 0
+        per_layer = sum(
+            r * (x.fan_in + x.fan_out) + dora * x.fan_out for x in self.targeted(targets)
+        )
+        head = (
+            r * (self.hidden + self.vocab)
+            if isinstance(targets, list) and "lm_head" in targets
+            else 0
+        )
         return self.layers * per_layer + head
 
-    def train_flops_per_token(self, *, trains_base: bool, adapter: int, s_eff: float,
-                              head_share: float = 1.0, recompute: bool = False) -> float:
+    def train_flops_per_token(
+        self,
+        *,
+        trains_base: bool,
+        adapter: int,
+        s_eff: float,
+        head_share: float = 1.0,
+        recompute: bool = False,
+    ) -> float:
         """Training FLOPs per token (PERFORMANCE.md): 6N with the base trained, 4N + 6 N_adapter
         without; the LM head only for the share of tokens that carry loss weight; attention
         6 · layers · q width · s_eff (s_eff = Σl²/Σl); gradient checkpointing adds a forward."""
@@ -127,7 +142,9 @@ def model_shape(config: dict, where: str = "config.json") -> ModelShape:
     try:
         return _shape(family, text)
     except (KeyError, TypeError, ZeroDivisionError) as e:
-        raise ModelError(f"{where}: incomplete {family} config ({e!r} missing or invalid)") from None
+        raise ModelError(
+            f"{where}: incomplete {family} config ({e!r} missing or invalid)"
+        ) from None
 
 
 def _shape(family: str, c: dict) -> ModelShape:

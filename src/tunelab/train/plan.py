@@ -91,9 +91,13 @@ class RunPlan:
             shape = model_shape(self.model_config)
         except ModelError:
             return None
-        seqs = [t.seq for t in self.train] + [t.rejected for t in self.train if t.rejected is not None]
+        seqs = [t.seq for t in self.train] + [
+            t.rejected for t in self.train if t.rejected is not None
+        ]
         lengths = [len(s) for s in seqs]
-        weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(sum(lengths) - len(seqs), 1)
+        weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(
+            sum(lengths) - len(seqs), 1
+        )
         adapter = 0 if self.method.trains_base else self.method.trainable_params(shape)
         return shape.train_flops_per_token(
             trains_base=self.method.trains_base, adapter=adapter,

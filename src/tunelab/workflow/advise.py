@@ -11,9 +11,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tunelab.config.schema import Config
+from tunelab.config.schema import Config, MethodConfig
 from tunelab.errors import TunelabError
-from tunelab.config.schema import MethodConfig
 from tunelab.models.methods import get_method
 from tunelab.train.doctor import diagnose, read_run
 from tunelab.train.lr_find import lr_find_setup
@@ -33,7 +32,9 @@ class Advice:
         return asdict(self)
 
 
-def advise(quote: Quote, *, lr_find: Path | None = None, history: Path | None = None) -> list[Advice]:
+def advise(
+    quote: Quote, *, lr_find: Path | None = None, history: Path | None = None
+) -> list[Advice]:
     cfg = quote.cfg
     method = _method(quote)
     out = [method]
@@ -139,7 +140,12 @@ def _epochs(quote: Quote, history: Path | None) -> Advice:
         why = "a run on this data converged in this many epochs; more would only risk over-fitting"
     else:
         return Advice("train.epochs", by_size, reason, evidence)
-    return Advice("train.epochs", value, why, f"{run} (doctor: {', '.join(kinds)}); by data size alone: {by_size}")
+    return Advice(
+        "train.epochs",
+        value,
+        why,
+        f"{run} (doctor: {', '.join(kinds)}); by data size alone: {by_size}",
+    )
 
 
 def _previous_run(cfg: Config, history: Path | None):
@@ -155,7 +161,11 @@ def _previous_run(cfg: Config, history: Path | None):
             saved = (path.parent / "config.yaml").read_text()
         except (TunelabError, OSError, ValueError):
             continue
-        if not info or info.get("model") != cfg.model.name or f"path: {cfg.data.path}\n" not in saved:
+        if (
+            not info
+            or info.get("model") != cfg.model.name
+            or f"path: {cfg.data.path}\n" not in saved
+        ):
             continue
         kinds = [f.kind for f in diagnose(records, info)]
         epochs = (info.get("train") or {}).get("epochs") or 1

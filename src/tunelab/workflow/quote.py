@@ -184,7 +184,9 @@ def _data_shape(cfg: Config, examples) -> DataShape:
                    for e in examples]  # fmt: skip
         weighted, pairs, n = 1.0 if cfg.data.prompt_loss_weight > 0 else 0.5, False, len(examples)
     per_row = 2 if pairs else 1
-    steps = StepPlan(lengths[:n], micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, seed=cfg.train.seed)
+    steps = StepPlan(
+        lengths[:n], micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, seed=cfg.train.seed
+    )
     worst = max((len(mb) * max(lengths[i] for i in mb), len(mb), max(lengths[i] for i in mb))
                 for step in steps.epoch(0) for mb in step)  # fmt: skip
     return DataShape(
@@ -253,7 +255,9 @@ def fit_devices(quote: Quote, flops: float) -> list[Device]:
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum
     rows = []
     if quote.here == "cuda":
-        rows.append(("this machine (GPU)", torch.cuda.get_device_properties(0).total_memory, "cuda", None))
+        rows.append(
+            ("this machine (GPU)", torch.cuda.get_device_properties(0).total_memory, "cuda", None)
+        )
     else:
         rows.append(("this machine (RAM)", _ram(), "cpu", None))
     rows += [(card, gb * 1e9, "cuda", peak) for card, (gb, peak) in CARDS.items()]
@@ -293,7 +297,9 @@ def savings(quote: Quote) -> list[tuple[str, int]]:
         data = quote.data
         if "data" in update:
             cut = update["data"]["max_seq_len"]
-            data = replace(data, max_len=cut, worst_batch=(data.worst_batch[0], min(cut, data.worst_batch[1])))
+            data = replace(
+                data, max_len=cut, worst_batch=(data.worst_batch[0], min(cut, data.worst_batch[1]))
+            )
         if "train" in update:
             data = replace(data, worst_batch=(2 if data.pairs else 1, data.max_len))
         peak = estimate(quote.shape, changed, activity(changed, data, quote.here)).peak

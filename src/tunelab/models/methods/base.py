@@ -76,6 +76,7 @@ class Method:
     # -- sizes, from the model's shape alone (tunelab plan: models/memory.py) ---------------
     def check_shape(self, shape) -> None:
         """Refuse settings this model's shape cannot take (apply checks the same on weights)."""
+
     def trainable_params(self, shape) -> int:
         """Parameters this method trains on a model of ``shape`` (a models.shape.ModelShape)."""
         return shape.params
