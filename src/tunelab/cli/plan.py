@@ -106,7 +106,8 @@ def show(quote, advice) -> None:
             + ", ".join(f"{k} {_money(v)}" for k, v in quote.api_costs.items())
         )
     for change, peak in quote.savings:
-        console.print(f"  [bold]what would fit[/]: {escape(change)} -> peak {_gib(peak)}")
+        console.print(f"  [bold]what would fit[/]: {escape(change)} -> peak {_gib(peak)} "
+                      f"(saves {_gib(quote.memory.peak - peak)})")  # fmt: skip
     for w in quote.warnings:
         console.print(f"[yellow]warning[/]: {escape(w)}")
     console.print("[bold]recommended[/] (--write FILE writes a config with them):")
