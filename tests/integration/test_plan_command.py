@@ -162,3 +162,20 @@ def test_unknown_model_family_exits_2(tmp_path, data_file, capsys):
 def test_missing_data_exits_2(tmp_path, model_dir, capsys):
     assert main(["plan", *_args(tmp_path, model_dir, tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_preference_pairs_double_the_batch_and_lower_the_lr(tmp_path, model_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"Boxes in order {i}?", "chosen": f"{i * 7} boxes.",
+                                           "rejected": f"Maybe {i * 3}, it is hard to say."})
+                               for i in range(16)))  # fmt: skip
+    args = _args(tmp_path, model_dir, pairs, "train.objective=dpo", "train.micro_batch_size=2")
+    quote = make_quote(load_config(None, args), history=tmp_path)
+    assert quote.data.pairs and quote.data.worst_batch[0] == 4  # 2 pairs = 4 sequences
+    full_dpo = make_quote(load_config(None, [*args, "method.name=full", "train.preference.precompute_ref=false"]),
+                          history=tmp_path)  # fmt: skip
+    assert full_dpo.memory.reference == full_dpo.memory.weights  # a frozen copy beside the model
+    from tunelab.workflow.advise import advise
+
+    lr = {a.setting: a.value for a in advise(quote)}["train.lr"]
+    assert lr <= 5e-5  # preference training takes far smaller steps than SFT

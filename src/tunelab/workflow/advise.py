@@ -97,13 +97,24 @@ def _lr(quote: Quote, method: str, lr_find: Path | None) -> Advice:
                       "of this very setup", f"tunelab lr-find: {path}")  # fmt: skip
     size = quote.shape.params
     scale = math.sqrt(7e9 / size)  # smaller models take larger steps
-    if _trains_base(method):
-        lr = min(5e-5, max(5e-6, 1e-5 * scale))
-        reason = "full fine-tuning: ~1e-5 at 7B, larger for smaller models (5e-6 to 5e-5)"
-    else:
-        lr = min(1e-3, max(1e-4, 2e-4 * scale))
-        reason = "LoRA: ~2e-4 at 7B, larger for smaller models (1e-4 to 1e-3); tunelab lr-find measures it"
-    return Advice("train.lr", float(f"{lr:.1g}"), reason, f"{size / 1e6:,.0f}M parameters")
+    low, at_7b, high, reason = LR_RANGES[(cfg.train.objective != "sft", _trains_base(method))]
+    lr = min(high, max(low, at_7b * scale))
+    return Advice(
+        "train.lr",
+        float(f"{lr:.1g}"),
+        reason,
+        f"{size / 1e6:,.0f}M parameters, objective {cfg.train.objective}",
+    )
+
+
+#: (preference objective, base trained) -> (lowest, at 7B, highest, why)
+LR_RANGES = {
+    (False, False): (1e-4, 2e-4, 1e-3, "LoRA: ~2e-4 at 7B, larger for smaller models (1e-4 to 1e-3); tunelab lr-find measures it"),
+    (False, True): (5e-6, 1e-5, 5e-5, "full fine-tuning: ~1e-5 at 7B, larger for smaller models (5e-6 to 5e-5)"),
+    (True, False): (5e-6, 5e-6, 5e-5, "preference training with LoRA: 5e-6 to 5e-5, far below SFT's (at 5e-4 the "
+                    "chosen answers lost likelihood on examples/prefer, docs/preference.md)"),
+    (True, True): (5e-7, 5e-7, 5e-6, "preference training of all weights: ~5e-7 at 7B (Zephyr's DPO), up to 5e-6"),
+}  # fmt: skip
 
 
 def _lr_find_result(cfg: Config, path: Path | None) -> tuple[Path, dict] | None:
