@@ -24,6 +24,11 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 #: the runtime beside the tensors: CUDA context, cuBLAS workspace and allocator slack on a
 #: GPU; the interpreter, torch, transformers, tokenizer and data in a CPU process
 OVERHEAD = {"cuda": 1.0 * GIB, "cpu": 0.75 * GIB}
+#: A CPU process keeps freed blocks of the step's activations and temporaries (glibc's heap):
+#: its peak resident memory exceeds the live tensors' by about half the activations (measured
+#: at micro-batch 4 and 16 on the default model, docs/plan.md). CUDA's caching allocator is
+#: not counted here (max_memory_allocated does not see it either).
+ALLOCATOR_SHARE = {"cuda": 0.0, "cpu": 0.5}
 #: one RMSNorm keeps its fp32 input and normalised output
 NORM_SAVED = 2
 
@@ -51,15 +56,18 @@ class Memory:
     """Bytes by component; ``peak`` is what the step needs at its worst moment."""
 
     weights: int
-    reference: int
+    reference: int  # a frozen copy of the model (DPO/KTO without precomputed log-probs)
     adapter: int
     gradients: int
-    optimizer: int
-    activations: int
-    logits: int  # the LM head's chunk of fp32 logits, its softmax and gradient
+    optimizer: int  # AdamW's two fp32 states per trained parameter
+    activations: int  # kept for the backward pass (with checkpointing: layer inputs + one layer)
+    logits: int  # the LM head's chunk of fp32 logits, its softmax and gradient; its input rows
+    update: int  # temporaries of the optimizer step (CPU AdamW, one parameter at a time)
+    allocator: int  # freed blocks the allocator keeps (CPU)
     overhead: int
     trainable: int  # trainable parameters (count)
-    activations_end: int  # activations still alive when every gradient is
+    recompute: int = 0  # the one layer checkpointing recomputes (part of activations)
+    last_layer: int = 0  # activations still alive when every gradient is
     early_gradients: int = 0  # gradients alive from the backward's start (a tied embedding's)
 
     @property
@@ -68,29 +76,38 @@ class Memory:
 
     @property
     def tensors(self) -> int:
-        """Peak of the tensors alone (what torch's memory tracker measures)."""
-        start = self.activations + self.logits + self.early_gradients
-        end = self.gradients + self.activations_end
-        return self.static + max(start, end)
+        """Peak of the tensors alone (what torch's memory tracker measures): the static part
+        plus the worst of the backward's start (every activation, the head's chunk — which a
+        checkpointed layer's recomputation follows rather than joins), its end (every gradient)
+        and the optimizer step (every gradient and the update's temporaries)."""
+        if self.recompute:  # the head's chunk is freed before the first layer is recomputed
+            start = self.activations - self.recompute + max(self.logits, self.recompute)
+        else:
+            start = self.activations + self.logits
+        start += self.early_gradients
+        end = self.gradients + self.last_layer
+        step = self.gradients + self.update
+        return self.static + max(start, end, step)
 
     @property
     def peak(self) -> int:
-        return self.tensors + self.overhead
+        return self.tensors + self.allocator + self.overhead
 
     def as_dict(self) -> dict:
-        keys = ("weights", "reference", "adapter", "gradients", "optimizer", "activations",
-                "logits", "overhead")  # fmt: skip
+        keys = ("weights", "reference", "adapter", "gradients", "optimizer", "update",
+                "activations", "logits", "allocator", "overhead")  # fmt: skip
         out = {k: getattr(self, k) for k in keys}
         out.update(tensors=self.tensors, peak=self.peak, trainable=self.trainable)
         return out
 
 
 def layer_activation_elements(shape: ModelShape) -> int:
-    """Elements one decoder layer keeps per token for the backward pass (eager, SDPA):
-    two norms' inputs and outputs, q/k/v after RoPE, the attention output and o_proj's input,
-    the MLP's gate, activation, up and product."""
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    attention = q + 2 * kv + 2 * q
+    """Elements one decoder layer keeps per token for the backward pass (eager, SDPA): two
+    norms' fp32 inputs and outputs; q after RoPE, k and v repeated to the query heads (SDPA is
+    called with an attention mask, so transformers expands grouped k/v), the attention output
+    and o_proj's input; the MLP's gate, activation, up and product."""
+    q = shape.heads * shape.head_dim
+    attention = 5 * q
     mlp = 4 * shape.intermediate if shape.family != "phi" else 2 * shape.intermediate
     return 2 * NORM_SAVED * shape.hidden + attention + mlp
 
@@ -99,28 +116,24 @@ def estimate_memory(shape: ModelShape, method: Method, act: Activity) -> Memory:
     """The breakdown of one training step's memory (see the module docstring); ``method``
     sizes what it trains and holds (models/methods)."""
     trainable = method.trainable_params(shape)
-    adapter = 0 if method.trains_base else 4 * trainable  # adapters are fp32 (PEFT's default)
     weights = method.weight_bytes(shape, act.precision)
     act_bytes = 4 if act.precision == "fp32" else 2
-    trained_layers = method.trained_layers(shape)
     per_layer = layer_activation_elements(shape) * act.tokens * act_bytes
-    residual = shape.hidden * act.tokens * act_bytes  # a layer's input, kept by checkpointing
-    if act.gradient_checkpointing:
-        activations = trained_layers * residual + per_layer
-    else:
-        activations = trained_layers * per_layer
+    residual = shape.hidden * act.tokens * act_bytes  # a layer's input; the final norm's
+    kept = method.trained_layers(shape) * (residual if act.gradient_checkpointing else per_layer)
+    recompute = per_layer if act.gradient_checkpointing else 0
     rows = min(HEAD_CHUNK, max(act.weighted_tokens, 1))
-    hidden_rows = act.weighted_tokens * shape.hidden * act_bytes  # the head's gathered input
-    logits = 3 * rows * shape.vocab * 4 + hidden_rows
-    embed_grad = (
-        4 * shape.embedding if method.trains_embedding(shape) else 0
-    )  # first out of the head
+    logits = 3 * rows * shape.vocab * 4 + act.weighted_tokens * shape.hidden * act_bytes
+    activations = kept + residual + recompute
     return Memory(
-        weights=weights, reference=weights if act.reference_copy else 0, adapter=adapter,
-        gradients=4 * trainable, optimizer=8 * trainable, activations=activations + residual,
-        logits=logits, overhead=int(OVERHEAD[act.device]), trainable=trainable,
-        activations_end=per_layer if not act.gradient_checkpointing else residual,
-        early_gradients=embed_grad,
+        weights=weights, reference=weights if act.reference_copy else 0,
+        adapter=0 if method.trains_base else 4 * trainable,  # fp32 adapters (PEFT's default)
+        gradients=4 * trainable, optimizer=8 * trainable, activations=activations, logits=logits,
+        update=3 * 4 * method.largest_trained(shape) if act.device == "cpu" else 0,  # CUDA: fused
+        allocator=int(ALLOCATOR_SHARE[act.device] * (activations + logits)),
+        overhead=int(OVERHEAD[act.device]), trainable=trainable, recompute=recompute,
+        last_layer=residual if act.gradient_checkpointing else per_layer,
+        early_gradients=4 * shape.embedding if method.trains_embedding(shape) else 0,
     )  # fmt: skip
 
 

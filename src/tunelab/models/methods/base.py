@@ -90,6 +90,10 @@ class Method:
         """Decoder layers that keep activations for the backward pass."""
         return shape.layers
 
+    def largest_trained(self, shape) -> int:
+        """Elements of the largest trained tensor (the optimizer's update works one at a time)."""
+        return max([shape.vocab * shape.hidden] + [x.fan_in * x.fan_out for x in shape.linears])
+
     def trains_embedding(self, shape) -> bool:
         """Whether the embedding gets a gradient (out of a tied head, early in the backward)."""
         return False

@@ -61,6 +61,9 @@ class Freeze(Method):
     def trainable_params(self, shape) -> int:
         return self.trained_layers(shape) * shape.layer_params
 
+    def largest_trained(self, shape) -> int:
+        return max(x.fan_in * x.fan_out for x in shape.linears)
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer layers: the first ``nn.ModuleList`` named ``...model.layers``,

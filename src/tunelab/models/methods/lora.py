@@ -83,6 +83,9 @@ class LoRA(Method):
     def trainable_params(self, shape) -> int:
         return shape.lora_params(self.cfg.r, self.cfg.targets, self.cfg.dora)
 
+    def largest_trained(self, shape) -> int:
+        return self.cfg.r * max(max(x.fan_in, x.fan_out) for x in shape.linears)
+
     def _require_peft(self, model: nn.Module) -> None:
         from peft import PeftModel
 
