@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.integration.runs import config, quiet
 from tunelab.cli import main
@@ -44,7 +45,7 @@ def test_plan_on_the_tiny_model_prints_every_part(
 ):
     assert main(["plan", *_args(tmp_path, model_dir, data_file, "train.micro_batch_size=2")]) == 0
     out = capsys.readouterr().out
-    for part in ["llama", "14 training examples", "memory on cpu (fp32)", "weights", "optimizer",
+    for part in ["llama", "14 training examples", "memory on this machine: cpu (fp32)", "weights", "optimizer",
                  "activations", "logits", "overhead", "peak", "2.5 x the weights", "H100-80GB",
                  "per epoch", "GFLOP per token", "assumed", "hosted fine-tuning APIs",
                  "method.name=lora", "train.lr=", "train.epochs=", "train.warmup_ratio=",
@@ -67,6 +68,9 @@ def test_8b_shape_folder_with_only_config_json(
     assert 4.0 < m["weights"] / 2**30 < 6.0  # 4-bit decoder linears, 16-bit embeddings and head
     cards = {d["name"]: d for d in quote["devices"]}
     assert cards["H100-80GB"]["fits"] and cards["T4-16GB"]["fits"]
+    if not torch.cuda.is_available():  # QLoRA: quoted on this machine, not runnable here
+        assert not quote["runs_here"] and quote["seconds"] is None
+        assert "needs a CUDA GPU" in quote["devices"][0]["name"]
     full = make_quote(load_config(None, _args(tmp_path, folder_8b, data_file, "method.name=full")))
     assert full.memory.peak > 100 * 2**30  # fp32 master weights + AdamW: 16 bytes a parameter
     fits = {d.name: d.fits for d in full.devices[1:]}

@@ -41,8 +41,10 @@ def test_golden_totals_of_the_default_model():
 
 
 def test_gradient_checkpointing_keeps_only_layer_inputs():
-    plain = estimate_memory(SMOLLM2, M(name="lora"), _act(seq_len=512, micro_batch=8))
-    ckpt = estimate_memory(SMOLLM2, M(name="lora"), _act(seq_len=512, micro_batch=8,
+    plain = estimate_memory(
+        SMOLLM2, M(name="lora"), _act(seq_len=512, micro_batch=8, weighted_tokens=8 * 511)
+    )
+    ckpt = estimate_memory(SMOLLM2, M(name="lora"), _act(seq_len=512, micro_batch=8, weighted_tokens=8 * 511,
                                                                     gradient_checkpointing=True))  # fmt: skip
     assert ckpt.activations < plain.activations / 5
     assert round(ckpt.tensors / MIB) == 1145  # MemTracker: 1,176 (the head's chunk, then one layer)
@@ -103,7 +105,9 @@ def test_the_cpu_optimizer_step_holds_temporaries_of_the_largest_trained_tensor(
     llama_1b = model_shape(dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                 tie_word_embeddings=True, head_dim=64))  # fmt: skip
-    cpu = estimate_memory(llama_1b, M(name="full"), _act(micro_batch=2, seq_len=512, weighted_tokens=1022))
+    cpu = estimate_memory(
+        llama_1b, M(name="full"), _act(micro_batch=2, seq_len=512, weighted_tokens=1022)
+    )
     cuda = estimate_memory(llama_1b, M(name="full"), _act(micro_batch=2, seq_len=512, weighted_tokens=1022,
                                                          device="cuda"))  # fmt: skip
     assert round(cpu.update / MIB) == 3006 and cuda.update == 0  # fused AdamW on CUDA

@@ -75,7 +75,8 @@ def show(quote, advice) -> None:
     console.print(f"[bold]method[/]  {cfg.method.name}, {m.trainable:,} trainable parameters; "
                   f"largest micro-batch: {seqs} sequences x {length} tokens (padded)")  # fmt: skip
     table = Table(
-        title=f"memory on {quote.here} ({_precision(cfg, quote.here)})", title_justify="left"
+        title=f"memory on {'this machine' if quote.runs_here else 'a CUDA GPU'}: {quote.here} ({_precision(cfg, quote.here)})",
+        title_justify="left",
     )
     table.add_column("component")
     table.add_column("size", justify="right")
@@ -92,7 +93,8 @@ def show(quote, advice) -> None:
     for col in ("device", "memory", "fits", "largest micro-batch", "accumulation", "time", "cost"):
         fit.add_column(col, justify="left" if col == "device" else "right")
     for dev in quote.devices:
-        time = _hours(quote.seconds) if dev is quote.devices[0] else _hours(dev.hours * 3600)
+        seconds = quote.seconds if dev is quote.devices[0] else dev.hours * 3600
+        time = "-" if seconds is None else _hours(seconds)
         fit.add_row(escape(dev.name), f"{dev.memory_gib:,.0f} GiB", "yes" if dev.fits else "[red]no[/]",
                     str(dev.max_micro_batch), str(dev.grad_accum) if dev.grad_accum else "-", time,
                     _money(dev.cost))  # fmt: skip

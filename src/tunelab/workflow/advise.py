@@ -16,7 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.methods import get_method
 from tunelab.train.doctor import diagnose, read_run
 from tunelab.train.lr_find import lr_find_setup
-from tunelab.workflow.quote import Quote, activity, estimate
+from tunelab.workflow.quote import Quote, activity, estimate, target
 
 FULL_ABOVE = 10_000  # examples: below this LoRA matches full fine-tuning (and fits anywhere)
 
@@ -63,7 +63,7 @@ def advise(
 
 
 def _method(quote: Quote) -> Advice:
-    cfg, n, here = quote.cfg, quote.data.examples, quote.devices[0]
+    cfg, n, here = quote.cfg, quote.data.examples, target(quote)
     full = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "full"})})
     need = estimate(quote.shape, full, activity(full, quote.data, quote.here)).peak
     fits_full = need <= here.memory_gib * 2**30
@@ -71,13 +71,16 @@ def _method(quote: Quote) -> Advice:
         value, reason = "lora", (f"below ~{FULL_ABOVE:,} examples LoRA learns as well as full "
                                  "fine-tuning, in a fraction of the memory, and one base serves many adapters")  # fmt: skip
     elif not fits_full:
-        value, reason = "lora", "full fine-tuning does not fit this machine"
+        value, reason = "lora", f"full fine-tuning does not fit {here.name}"
     else:
         value, reason = "full", "plenty of data and full fine-tuning fits: it can learn the most"
     lora = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "lora"})})
     lora_need = estimate(quote.shape, lora, activity(lora, quote.data, quote.here)).peak
     if not _trains_base(value) and lora_need > here.memory_gib * 2**30 and quote.here == "cuda":
-        value, reason = "qlora", "LoRA on a 16-bit base does not fit this GPU; a 4-bit base does"
+        value, reason = (
+            "qlora",
+            f"LoRA on a 16-bit base does not fit {here.name}; a 4-bit base does",
+        )
     evidence = (f"{n:,} training examples; full fine-tuning needs ~{need / 2**30:.1f} GiB, "
                 f"{here.name} has {here.memory_gib:.0f} GiB")  # fmt: skip
     return Advice("method.name", value, reason, evidence)
@@ -188,7 +191,7 @@ def _previous_run(cfg: Config, history: Path | None):
 
 
 def _batch(quote: Quote) -> list[Advice]:
-    cfg, here = quote.cfg, quote.devices[0]
+    cfg, here = quote.cfg, target(quote)
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum
     out = []

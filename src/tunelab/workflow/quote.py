@@ -75,12 +75,13 @@ class Quote:
     flops_per_token: float
     throughput: float  # FLOP/s this machine is expected to train at
     throughput_source: str
-    seconds: float  # on this machine
+    seconds: float | None  # on this machine (None: the method cannot run here)
     devices: list[Device]
     savings: list[tuple[str, int]]  # (change, peak after it) when the configured run does not fit
     api_costs: dict[str, float]
     warnings: list[str] = field(default_factory=list)
-    here: str = "cpu"
+    here: str = "cpu"  # the device the breakdown is for: this machine's, or CUDA for QLoRA
+    runs_here: bool = True  # False: the method needs a CUDA GPU this machine lacks
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("cfg", "shape", "memory")}
@@ -107,24 +108,27 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     steps = StepPlan([1] * data.examples, micro_batch_size=t.micro_batch_size,
                      grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
     total = steps.total_steps(t.epochs, t.max_steps)
-    here = _here()
+    machine = _here()
+    runs_here = get_method(cfg.method).quantize_bits is None or machine == "cuda"
+    here = machine if runs_here else "cuda"
     memory = estimate(shape, cfg, activity(cfg, data, here))
     fpt = shape.train_flops_per_token(
         trains_base=get_method(cfg.method).trains_base, adapter=memory.trainable,
         s_eff=data.s_eff, head_share=data.weighted_share, recompute=cfg.model.gradient_checkpointing,
     )  # fmt: skip
     tokens = data.tokens * total / max(steps.steps_per_epoch, 1)
-    throughput, source = calibrate(cfg, here, history or Path(cfg.train.output_dir))
+    throughput, source = calibrate(cfg, machine, history or Path(cfg.train.output_dir))
     quote = Quote(
         cfg=cfg, shape=shape, data=data, memory=memory, rule_of_thumb=rule_of_thumb(shape, "bf16"),
         steps_per_epoch=steps.steps_per_epoch, total_steps=total, flops_per_token=fpt,
-        throughput=throughput, throughput_source=source, seconds=tokens * fpt / throughput,
-        devices=[], savings=[], here=here,
+        throughput=throughput, throughput_source=source,
+        seconds=tokens * fpt / throughput if runs_here else None,
+        devices=[], savings=[], here=here, runs_here=runs_here,
         api_costs={k: v * tokens / 1000 for k, v in cfg.plan.api_prices.items()},
     )  # fmt: skip
     quote.devices = fit_devices(quote, tokens * fpt)
     quote.warnings = _warnings(quote)
-    if not quote.devices[0].fits:
+    if runs_here and not quote.devices[0].fits:
         quote.savings = savings(quote)
     return quote
 
@@ -197,6 +201,14 @@ def _data_shape(cfg: Config, examples) -> DataShape:
     )  # fmt: skip
 
 
+def target(quote: Quote) -> Device:
+    """The device the advice is for: this machine when the method runs here, else the
+    smallest card it fits (the largest when it fits none)."""
+    if quote.runs_here:
+        return quote.devices[0]
+    return next((d for d in quote.devices[1:] if d.fits), quote.devices[-1])
+
+
 def _here() -> str:
     import torch
 
@@ -254,7 +266,10 @@ def fit_devices(quote: Quote, flops: float) -> list[Device]:
     cfg, out = quote.cfg, []
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum
     rows = []
-    if quote.here == "cuda":
+    if not quote.runs_here:
+        out.append(Device(name=f"this machine: {cfg.method.name} needs a CUDA GPU",
+                          memory_gib=round(_ram() / GIB, 1), fits=False, max_micro_batch=0, grad_accum=0))  # fmt: skip
+    elif quote.here == "cuda":
         rows.append(
             ("this machine (GPU)", torch.cuda.get_device_properties(0).total_memory, "cuda", None)
         )
@@ -329,4 +344,7 @@ def _warnings(quote: Quote) -> list[str]:
         out.append(quote.data.estimated)
     if not any(d.fits for d in quote.devices):
         out.append("the configured run fits none of the devices quoted: see 'what would fit'")
+    if not quote.runs_here:
+        out.append(f"method {quote.cfg.method.name} needs a CUDA GPU (bitsandbytes): the memory shown "
+                   "is a GPU's; this machine can quote it but not run it")  # fmt: skip
     return out
