@@ -17,12 +17,14 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 ## The main job, the whole story on the example task (structured extraction into JSON) with the
-## default model (SmolLM2-135M-Instruct): check the data, prompt baselines (0- and 3-shot), a LoRA
-## fine-tune evaluated on the test set with a forgetting check, and the comparison table.
+## default model (SmolLM2-135M-Instruct): check the data, quote the run (memory, time, advice),
+## prompt baselines (0- and 3-shot), a LoRA fine-tune evaluated on the test set with a forgetting
+## check, and the comparison table.
 DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 TUNELAB := $(VENV)/bin/tunelab
 demo: install
 	$(TUNELAB) data check examples/extract/train.jsonl --eval examples/extract/test.jsonl --model smollm2-135m-instruct
+	$(TUNELAB) plan examples/extract/train.yaml
 	$(TUNELAB) baseline --model smollm2-135m-instruct --data examples/extract/test.jsonl \
 		--train examples/extract/train.jsonl --shots 0,3 --metric examples/extract/metric.py:field_accuracy \
 		eval.max_new_tokens=96 --out $(DEMO)-baseline
