@@ -182,19 +182,19 @@ def _data_shape(cfg: Config, examples) -> DataShape:
         targets = sum(len(s) - 1 for s in seqs)
         weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(targets, 1)
         pairs = any(t.rejected is not None for t in train)
-        n = len(train)
+        rows = [max(len(t.seq), len(t.rejected) if t.rejected is not None else 0) for t in train]
     else:
         lengths = [min(cfg.data.max_seq_len, 8 + len(repr(e)) // CHARS_PER_TOKEN)
                    for e in examples]  # fmt: skip
-        weighted, pairs, n = 1.0 if cfg.data.prompt_loss_weight > 0 else 0.5, False, len(examples)
-    per_row = 2 if pairs else 1
+        weighted, pairs, rows = 1.0 if cfg.data.prompt_loss_weight > 0 else 0.5, False, lengths
+    per_row = 2 if pairs else 1  # a pair is two sequences padded to the longer
     steps = StepPlan(
-        lengths[:n], micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, seed=cfg.train.seed
+        rows, micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, seed=cfg.train.seed
     )
-    worst = max((len(mb) * max(lengths[i] for i in mb), len(mb), max(lengths[i] for i in mb))
+    worst = max((len(mb) * max(rows[i] for i in mb), len(mb), max(rows[i] for i in mb))
                 for step in steps.epoch(0) for mb in step)  # fmt: skip
     return DataShape(
-        examples=n, tokens=sum(lengths), median_len=int(statistics.median(lengths)),
+        examples=len(rows), tokens=sum(lengths), median_len=int(statistics.median(lengths)),
         max_len=max(lengths), worst_batch=(worst[1] * per_row, worst[2]),
         weighted_share=round(weighted, 4), s_eff=sum(x * x for x in lengths) / sum(lengths),
         pairs=pairs, estimated=estimated,
