@@ -82,6 +82,27 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """``with atomic_path(out) as tmp: some_library.write(tmp)`` — for writers that open the
+    file themselves: ``tmp`` (beside ``out``) is fsync'd and renamed over ``out``; removed if
+    the body raises, ``out`` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``path`` at once (see :func:`atomic_file`)."""
     with atomic_file(path) as f:
