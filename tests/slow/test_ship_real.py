@@ -1,0 +1,64 @@
+"""Shipping a real fine-tune of the default model: merged folder and GGUF (f16, q8_0) answer the
+example task's test rows as the run folder does (greedy; the same answer on at least 19 of 20)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab.cli import main
+from tunelab.config.load import load_config
+from tunelab.evaluate.generate import GenerationOptions, generate
+from tunelab.models.run_folder import load_run
+from tunelab.workflow.finetune import finetune
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "extract"
+OPTIONS = GenerationOptions(max_new_tokens=64, batch_size=20)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ship-real")
+    cfg = load_config(EXAMPLES / "train.yaml", [
+        f"train.output_dir={root}", "name=real", "train.max_steps=12", "train.eval_steps=12",
+        "eval.at_end=false", "train.eval_at_start=false",
+    ])  # fmt: skip
+    return finetune(cfg, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rows = [json.loads(x) for x in (EXAMPLES / "test.jsonl").read_text().splitlines()[:20]]
+    return [r["messages"][:-1] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def answers(run, prompts):
+    loaded = load_run(run)
+    return generate(loaded.model, loaded.tokenizer, prompts, OPTIONS)
+
+
+def _same(a, b):
+    return sum(x.strip() == y.strip() for x, y in zip(a, b, strict=True))
+
+
+def test_merged_folder_answers_as_the_run(run, prompts, answers, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert _same(generate(model, tokenizer, prompts, OPTIONS), answers) == 20
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_gguf_answers_as_the_run(run, prompts, answers, tmp_path, dtype):
+    out = tmp_path / f"real-{dtype}.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--dtype", dtype, "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    same = _same(generate(model, tokenizer, prompts, OPTIONS), answers)
+    print(f"GGUF {dtype}: {same}/20 greedy answers equal to the run folder's")
+    assert same >= 19
