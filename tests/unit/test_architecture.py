@@ -16,7 +16,7 @@ LAYERS = {
     "config": 1, "files": 1,
     "data": 2, "models": 2, "checkpoint": 2,
     "train": 3, "evaluate": 3,
-    "workflow": 4,
+    "workflow": 4, "serve": 4,
     "cli": 5, "__main__": 6, "testing": 6,
 }  # fmt: skip
 METHOD_NAMES = {"full", "freeze", "lora", "qlora"}

@@ -20,6 +20,7 @@ from tunelab.cli import evaluate as eval_cli
 from tunelab.cli import lr_find as lr_find_cli
 from tunelab.cli import models as models_cli
 from tunelab.cli import plan as plan_cli
+from tunelab.cli import serve as serve_cli
 from tunelab.cli import ship as ship_cli
 from tunelab.cli import train as train_cli
 from tunelab.errors import TunelabError
@@ -41,6 +42,7 @@ app.command("lr-find")(lr_find_cli.lr_find)
 app.command("plan")(plan_cli.plan)
 app.command("merge")(ship_cli.merge)
 app.command("export")(ship_cli.export)
+app.command("serve")(serve_cli.serve)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")
