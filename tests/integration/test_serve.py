@@ -185,3 +185,45 @@ def test_serve_command_refuses_bad_adapters_before_serving(model_dir, capsys):
     assert "expected name=RUN_DIR" in capsys.readouterr().err
     assert main(["serve", "--model", str(model_dir), "--adapter", "x=/nowhere"]) == 2
     assert "--adapter x=/nowhere" in capsys.readouterr().err
+
+
+def _read_until(fd, marker: bytes, timeout: float = 120) -> bytes:
+    import os
+    import select
+
+    out, deadline = b"", time.time() + timeout
+    while marker not in out:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+        if not ready:
+            raise AssertionError(f"no {marker!r} within {timeout} s; got {out!r}")
+        try:
+            out += os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+    return out
+
+
+def test_chat_through_a_pseudo_terminal(runs, alone):
+    """Type a question, read the streamed reply (the adapter's greedy answer), /reset, /exit."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "chat", str(runs["b"]), "--temperature", "0",
+                             "--max-tokens", str(TOKENS)], stdin=slave, stdout=slave, stderr=slave)  # fmt: skip
+    os.close(slave)
+    try:
+        assert b"/reset starts a new conversation" in _read_until(master, b"you> ")
+        os.write(master, (ASK[0]["content"] + "\n").encode())
+        reply = _read_until(master, b"you> ").decode()
+        answer = reply.split("model> ", 1)[1].rsplit("you> ", 1)[0].strip()
+        assert answer == alone["b"].strip()
+        os.write(master, b"/reset\n")
+        assert b"(new conversation)" in _read_until(master, b"you> ")
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)

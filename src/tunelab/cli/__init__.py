@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tunelab import __version__
+from tunelab.cli import chat as chat_cli
 from tunelab.cli import config as config_cli
 from tunelab.cli import data as data_cli
 from tunelab.cli import doctor as doctor_cli
@@ -43,6 +44,7 @@ app.command("plan")(plan_cli.plan)
 app.command("merge")(ship_cli.merge)
 app.command("export")(ship_cli.export)
 app.command("serve")(serve_cli.serve)
+app.command("chat")(chat_cli.chat)
 app.add_typer(data_cli.app, name="data")
 app.add_typer(config_cli.app, name="config")
 app.add_typer(models_cli.app, name="models")
