@@ -62,3 +62,13 @@ def test_gguf_answers_as_the_run(run, prompts, answers, tmp_path, dtype):
     same = _same(generate(model, tokenizer, prompts, OPTIONS), answers)
     print(f"GGUF {dtype}: {same}/20 greedy answers equal to the run folder's")
     assert same >= 19
+
+
+def test_gguf_keeps_llama_cpp_pre_tokenizer_name_of_the_catalog_model(run, tmp_path):
+    import gguf
+
+    out = tmp_path / "pre.gguf"
+    assert main(["export", str(run), "--dtype", "q8_0", "--out", str(out)]) == 0
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # as in the GGUF the model came from
+    assert fields["general.architecture"].contents() == "llama"

@@ -162,12 +162,28 @@ def convert_gguf(gguf: Path, out: Path, *, source: str | None = None) -> Path:
         stat = gguf.stat()
         (tmp / "tunelab_source.json").write_text(
             json.dumps(
-                {"gguf": str(gguf), "size": stat.st_size, "from": source, "dtype": "float32"},
+                {
+                    "gguf": str(gguf),
+                    "size": stat.st_size,
+                    "from": source,
+                    "dtype": "float32",
+                    "tokenizer_pre": _tokenizer_pre(gguf),
+                },  # fmt: skip
                 indent=2,
             )
             + "\n"
         )
     return out
+
+
+def _tokenizer_pre(path: Path) -> str | None:
+    """llama.cpp's pre-tokenizer name in the GGUF (kept for ``tunelab export --format gguf``)."""
+    import gguf as gguf_lib
+
+    try:
+        return str(gguf_lib.GGUFReader(path).fields["tokenizer.ggml.pre"].contents())
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _check_tied(model, gguf: Path) -> None:

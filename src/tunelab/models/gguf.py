@@ -30,9 +30,12 @@ TOP_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", 
 CONTROL, USER_DEFINED, NORMAL = 3, 4, 1  # llama.cpp's token types
 
 
-def write_gguf(model, tokenizer, path: Path, *, dtype: str = "f16", name: str = "model") -> None:
+def write_gguf(
+    model, tokenizer, path: Path, *, dtype: str = "f16", name: str = "model", pre: str = "default"
+) -> None:
     """``model`` (a plain transformers causal LM, adapters merged) and its tokenizer as a GGUF
-    file at ``path``; ``dtype``: f32, f16 or q8_0 for the matrices (norms and biases stay f32)."""
+    file at ``path``; ``dtype``: f32, f16 or q8_0 for the matrices (norms and biases stay f32);
+    ``pre``: llama.cpp's name for the tokenizer's pre-tokenizer (see :func:`source_pre`)."""
     import gguf
 
     config = model.config
@@ -44,7 +47,7 @@ def write_gguf(model, tokenizer, path: Path, *, dtype: str = "f16", name: str = 
         )
     writer = gguf.GGUFWriter(str(path), arch)
     _metadata(writer, config, arch, name, dtype)
-    _tokenizer(writer, tokenizer, config.vocab_size)
+    _tokenizer(writer, tokenizer, config.vocab_size, pre)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
@@ -117,7 +120,27 @@ def _metadata(writer, config, arch: str, name: str, dtype: str) -> None:
     writer.add_file_type(file_type)
 
 
-def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
+def source_pre(model_folder: Path) -> str:
+    """llama.cpp chooses its pre-tokenizer (the regex that splits text before BPE) by the name
+    in ``tokenizer.ggml.pre``, which it assigns by hashing a tokenizer's output — a table
+    tunelab does not copy. A model that came from a GGUF (the catalog's) keeps that file's
+    name; any other gets "default" (llama.cpp's GPT-2 regex: close to, not always equal to, a
+    Llama 3 or Qwen tokenizer on digits and punctuation)."""
+    import gguf
+
+    try:
+        source = json.loads((model_folder / "tunelab_source.json").read_text())
+    except (OSError, ValueError):
+        return "default"
+    if source.get("tokenizer_pre"):
+        return str(source["tokenizer_pre"])
+    try:  # converted before the name was recorded: the GGUF may still be there
+        return str(gguf.GGUFReader(source["gguf"]).fields["tokenizer.ggml.pre"].contents())
+    except (OSError, ValueError, KeyError, TypeError):
+        return "default"
+
+
+def _tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
     """A byte-level BPE tokenizer (Llama 3, Qwen, SmolLM) as llama.cpp's ``gpt2`` model."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE":
@@ -132,7 +155,7 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
     types = [(CONTROL if added[t] else USER_DEFINED) if t in added else NORMAL for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -15,7 +15,14 @@ import torch
 from tunelab.config.load import load_config
 from tunelab.errors import ConfigError, ModelError
 from tunelab.files import atomic_folder, atomic_path, atomic_write_json
-from tunelab.models.load import ADAPTER_CONFIG, RUN_CONFIG, load_model, run_adapter, run_final
+from tunelab.models.load import (
+    ADAPTER_CONFIG,
+    RUN_CONFIG,
+    load_model,
+    resolve_model,
+    run_adapter,
+    run_final,
+)
 from tunelab.models.methods import get_method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,7 +111,7 @@ def export_peft(run: Path, out: Path, *, force: bool = False) -> None:
 def export_gguf(run: Path, out: Path, *, dtype: str = "f16", force: bool = False) -> list[str]:
     """One GGUF file (llama.cpp): merged weights in ``dtype`` (f32, f16, q8_0), metadata,
     tokenizer and chat template."""
-    from tunelab.models.gguf import GGUF_DTYPES, write_gguf
+    from tunelab.models.gguf import GGUF_DTYPES, source_pre, write_gguf
 
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"--dtype {dtype}: GGUF export writes one of {', '.join(GGUF_DTYPES)}")
@@ -114,6 +121,9 @@ def export_gguf(run: Path, out: Path, *, dtype: str = "f16", force: bool = False
             f"--out {out}: already exists (choose another path, or --force to replace it)"
         )
     model, tokenizer, notes = merged_model(run, "float32")
+    base = run_adapter(str(run))
+    origin = resolve_model(base[0] if base else str(run))
+    pre = source_pre(origin) if isinstance(origin, Path) else "default"
     with atomic_path(out) as tmp:
-        write_gguf(model, tokenizer, tmp, dtype=dtype, name=run.name)
+        write_gguf(model, tokenizer, tmp, dtype=dtype, name=run.name, pre=pre)
     return notes
