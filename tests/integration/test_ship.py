@@ -61,12 +61,19 @@ def test_merged_folder_equals_the_adapter_on_its_base(lora_run, model_dir, tmp_p
 
 
 def test_export_peft_is_the_adapter_alone(lora_run, model_dir, tmp_path):
+    import shutil
+
     from peft import PeftModel
 
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    saved = json.loads((run / "final" / "adapter_config.json").read_text())
+    saved["base_model_name_or_path"] = "/a/cache/path/of/the/base"  # what PEFT may record
+    (run / "final" / "adapter_config.json").write_text(json.dumps(saved))
     out = tmp_path / "adapter"
-    assert main(["export", str(lora_run), "--format", "peft", "--out", str(out)]) == 0
+    assert main(["export", str(run), "--format", "peft", "--out", str(out)]) == 0
     config_json = json.loads((out / "adapter_config.json").read_text())
-    assert config_json["base_model_name_or_path"] == str(model_dir)
+    assert config_json["base_model_name_or_path"] == str(model_dir)  # the base as the run names it
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -95,6 +102,10 @@ def test_gguf_reads_back_through_transformers(lora_run, qwen_run, tmp_path, dtyp
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
     back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     expected, got = _logits(expected_model, tokenizer), _logits(back, tokenizer)
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert ("output.weight" in names) == (not expected_model.config.tie_word_embeddings)
     spread, same = TOLERANCE[dtype]
     print(f"{which} {dtype}: max |dlogit| / std = {float((got - expected).abs().max() / expected.std()):.4f}, "
           f"same argmax {float((got.argmax(-1) == expected.argmax(-1)).float().mean()):.2f}")  # fmt: skip
