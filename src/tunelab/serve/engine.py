@@ -10,6 +10,7 @@ the same queue, done between requests. A full queue is refused at once (the serv
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -187,8 +188,6 @@ class Engine:
 
     def _adapter(self, name: str):
         """The context in which exactly ``name``'s weights are active."""
-        import contextlib
-
         if not self.adapters and not hasattr(self.model, "peft_config"):
             return contextlib.nullcontext()
         if name == self.base:
