@@ -72,3 +72,29 @@ def test_gguf_keeps_llama_cpp_pre_tokenizer_name_of_the_catalog_model(run, tmp_p
     fields = gguf.GGUFReader(out).fields
     assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # as in the GGUF the model came from
     assert fields["general.architecture"].contents() == "llama"
+
+
+@pytest.mark.parametrize("dtype, spread", [("f32", 1e-4), ("q8_0", 0.15)])
+def test_gemma3_gguf_reads_back_through_transformers(tmp_path, dtype, spread):
+    """The catalog's Gemma-3-270M written as GGUF (gemma3 architecture: norms stored as 1 + w,
+    four norms a layer, q/k norms, a SentencePiece-style tokenizer) and read back."""
+    from tunelab.models import catalog
+    from tunelab.models.gguf import write_gguf
+    from tunelab.models.load import load_model
+
+    catalog.pull("gemma-3-270m")
+    model, tokenizer = load_model("gemma-3-270m")
+    out = tmp_path / f"gemma-{dtype}.gguf"
+    write_gguf(model, tokenizer, out, dtype=dtype)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    text = "The capital of France is Paris.  Two  spaces, digits 12345 and émigré."
+    assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = model(ids).logits, back(ids).logits
+    print(
+        f"gemma3 {dtype}: max |dlogit| / std = {float((got - expected).abs().max() / expected.std()):.4f}"
+    )
+    assert (got - expected).abs().max() <= spread * expected.std()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9

@@ -17,7 +17,7 @@ import numpy as np
 from tunelab.errors import ModelError
 
 #: model_type -> llama.cpp architecture
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 #: HF parameter name (after model.layers.N.) -> GGUF tensor name (after blk.N.)
 LAYER_TENSORS = {
@@ -26,8 +26,14 @@ LAYER_TENSORS = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }  # fmt: skip
+#: Gemma 3 normalises four times a layer (and q, k): its names where they differ
+GEMMA3_TENSORS = {
+    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}  # fmt: skip
 TOP_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-CONTROL, USER_DEFINED, NORMAL = 3, 4, 1  # llama.cpp's token types
+NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6  # llama.cpp's token types
 
 
 def write_gguf(
@@ -52,8 +58,10 @@ def write_gguf(
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the embedding when output.weight is absent
-        gguf_name = tensor_name(hf_name)
+        gguf_name = tensor_name(hf_name, arch)
         data = tensor.detach().float().cpu().numpy()
+        if arch == "gemma3" and "norm" in gguf_name:
+            data = data + 1.0  # HF Gemma scales by 1 + w; llama.cpp stores 1 + w
         if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_attention_heads
             if gguf_name.endswith("attn_k.weight"):
@@ -66,13 +74,14 @@ def write_gguf(
     writer.close()
 
 
-def tensor_name(hf_name: str) -> str:
+def tensor_name(hf_name: str, arch: str = "llama") -> str:
     stem, _, kind = hf_name.rpartition(".")
     if stem in TOP_TENSORS:
         return f"{TOP_TENSORS[stem]}.{kind}"
     parts = stem.split(".")
-    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in LAYER_TENSORS:
-        return f"blk.{parts[2]}.{LAYER_TENSORS['.'.join(parts[3:])]}.{kind}"
+    names = {**LAYER_TENSORS, **GEMMA3_TENSORS} if arch == "gemma3" else LAYER_TENSORS
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in names:
+        return f"blk.{parts[2]}.{names['.'.join(parts[3:])]}.{kind}"
     raise ModelError(f"GGUF export: no llama.cpp name for the tensor {hf_name!r}")
 
 
@@ -100,6 +109,9 @@ def _metadata(writer, config, arch: str, name: str, dtype: str) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get(
+        "full_attention", rope
+    )  # Gemma 3: per attention type; GGUF holds the global one
     theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -111,9 +123,11 @@ def _metadata(writer, config, arch: str, name: str, dtype: str) -> None:
     writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
+    if head_dim != config.hidden_size // heads or arch == "gemma3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
     writer.add_vocab_size(config.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]  # fmt: skip
@@ -141,7 +155,9 @@ def source_pre(model_folder: Path) -> str:
 
 
 def _tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
-    """A byte-level BPE tokenizer (Llama 3, Qwen, SmolLM) as llama.cpp's ``gpt2`` model."""
+    """A byte-level BPE tokenizer (Llama 3, Qwen, SmolLM) as llama.cpp's ``gpt2`` model; a
+    SentencePiece-style one (Gemma: "▁" for spaces, byte-fallback tokens) as its ``llama``
+    model, whose merges llama.cpp and transformers rebuild from the tokens' order."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE":
         raise ModelError(
@@ -153,16 +169,33 @@ def _tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
         tokens[index] = token
     added = {t["content"]: t["special"] for t in backend.get("added_tokens", [])}
     types = [(CONTROL if added[t] else USER_DEFINED) if t in added else NORMAL for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if "<0x00>" in vocab:  # SentencePiece-style
+        types = [BYTE if _is_byte(t) else kind for t, kind in zip(tokens, types, strict=True)]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(False)
+    else:
+        merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
     for setter, token_id in (("add_bos_token_id", tokenizer.bos_token_id), ("add_eos_token_id", tokenizer.eos_token_id),
                              ("add_pad_token_id", tokenizer.pad_token_id), ("add_unk_token_id", tokenizer.unk_token_id)):  # fmt: skip
         if token_id is not None:
             getattr(writer, setter)(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    bos = tokenizer.bos_token_id  # does encoding put BOS first? (not every tokenizer says so)
+    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _is_byte(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+
+def _is_byte(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
