@@ -121,6 +121,13 @@ def test_a_run_on_another_device_does_not_calibrate(tmp_path, model_dir, data_fi
                                                  "tokens_per_s": 9e4, "train_flops_per_token": 1e9}))  # fmt: skip
     quote = make_quote(config(tmp_path, model_dir, data_file), history=tmp_path)
     assert quote.throughput_source.startswith("assumed")
+    # ... but it calibrates the card it ran on: 9e4 tokens/s x 1 GFLOP on an H100 (989 TFLOP/s)
+    cards = {d.name: d for d in quote.devices}
+    assert (
+        cards["H100-80GB"].mfu == pytest.approx(9e13 / 989e12)
+        and "gpu-run" in cards["H100-80GB"].mfu_source
+    )
+    assert cards["H200-141GB"].mfu == 0.35 and cards["H200-141GB"].mfu_source == "assumed"
 
 
 def test_lr_find_result_of_the_same_setup_sets_the_lr(tmp_path, model_dir, data_file, capsys):

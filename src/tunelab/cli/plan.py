@@ -101,7 +101,7 @@ def show(quote, advice) -> None:
     console.print(fit)
     console.print(f"  steps: {quote.steps_per_epoch} per epoch, {quote.total_steps} in all; "
                   f"{quote.flops_per_token / 1e9:.2f} GFLOP per token; this machine: "
-                  f"{escape(quote.throughput_source)}; cards: {cfg.plan.mfu:.0%} MFU assumed")  # fmt: skip
+                  f"{escape(quote.throughput_source)}; cards: {_card_mfus(quote)}")  # fmt: skip
     if quote.api_costs:
         console.print(
             "  hosted fine-tuning APIs, same tokens: "
@@ -118,6 +118,15 @@ def show(quote, advice) -> None:
         same = "" if now == a.value else f"  [yellow](now {now})[/]"
         console.print(f"  [bold]{a.setting}={a.value}[/]{same}: {escape(a.reason)}")
         console.print(f"      evidence: {escape(a.evidence)}")
+
+
+def _card_mfus(quote) -> str:
+    cards = [d for d in quote.devices if d.mfu is not None]
+    measured = [
+        f"{d.name} {d.mfu:.0%} ({d.mfu_source})" for d in cards if d.mfu_source != "assumed"
+    ]
+    assumed = f"{quote.cfg.plan.mfu:.0%} MFU assumed"
+    return "; ".join(measured + ([f"others {assumed}"] if measured else [assumed]))
 
 
 def _now(cfg, setting: str):

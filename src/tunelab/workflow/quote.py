@@ -61,6 +61,8 @@ class Device:
     grad_accum: int  # keeps the requested global batch at that micro-batch
     hours: float | None = None
     cost: float | None = None
+    mfu: float | None = None  # cards: the MFU the time assumes
+    mfu_source: str = ""  # "assumed", or the run it was measured on
 
 
 @dataclass
@@ -117,7 +119,8 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
         s_eff=data.s_eff, head_share=data.weighted_share, recompute=cfg.model.gradient_checkpointing,
     )  # fmt: skip
     tokens = data.tokens * total / max(steps.steps_per_epoch, 1)
-    throughput, source = calibrate(cfg, machine, history or Path(cfg.train.output_dir))
+    history = history or Path(cfg.train.output_dir)
+    throughput, source = calibrate(cfg, machine, history)
     quote = Quote(
         cfg=cfg, shape=shape, data=data, memory=memory, rule_of_thumb=rule_of_thumb(shape, "bf16"),
         steps_per_epoch=steps.steps_per_epoch, total_steps=total, flops_per_token=fpt,
@@ -126,7 +129,7 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
         devices=[], savings=[], here=here, runs_here=runs_here,
         api_costs={k: v * tokens / 1000 for k, v in cfg.plan.api_prices.items()},
     )  # fmt: skip
-    quote.devices = fit_devices(quote, tokens * fpt)
+    quote.devices = fit_devices(quote, tokens * fpt, history)
     quote.warnings = _warnings(quote)
     if runs_here and not quote.devices[0].fits:
         quote.savings = savings(quote)
@@ -215,21 +218,34 @@ def _here() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def calibrate(cfg: Config, kind: str, history: Path) -> tuple[float, str]:
-    """(FLOP/s, where the number comes from): the newest finished run in ``history`` on this
-    kind of device that recorded its throughput; else the stated assumption."""
-    here = device_name(kind)
-    runs = sorted(history.glob("*/result.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in runs if history.is_dir() else []:
+def measured_runs(history: Path) -> list[tuple[Path, str, float, str]]:
+    """(run folder, device recorded, achieved training FLOP/s, how) of every finished run in
+    ``history`` that recorded its throughput and FLOPs per token, newest first."""
+    if not history.is_dir():
+        return []
+    out = []
+    for path in sorted(
+        history.glob("*/result.json"), key=lambda p: p.stat().st_mtime, reverse=True
+    ):
         try:
             info = json.loads(path.read_text())
-            recorded = info.get("device_name") or info.get("device")
+            device = info.get("device_name") or info.get("device")
             rate, fpt = info.get("tokens_per_s"), info.get("train_flops_per_token")
         except (OSError, ValueError, AttributeError):
             continue
-        if recorded in (here, kind) and rate and fpt and kind == here.split(":")[0]:
-            return rate * fpt, (f"calibrated from run {path.parent} ({rate:,.0f} tokens/s x "
-                                f"{fpt / 1e9:.2f} GFLOP/token)")  # fmt: skip
+        if device and rate and fpt:
+            out.append((path.parent, str(device), rate * fpt,
+                        f"{rate:,.0f} tokens/s x {fpt / 1e9:.2f} GFLOP/token"))  # fmt: skip
+    return out
+
+
+def calibrate(cfg: Config, kind: str, history: Path) -> tuple[float, str]:
+    """(FLOP/s, where the number comes from): the newest finished run in ``history`` on this
+    device that recorded its throughput; else the stated assumption."""
+    here = device_name(kind)
+    for run, device, flops, how in measured_runs(history):
+        if device == here:
+            return flops, f"calibrated from run {run} ({how})"
     if kind == "cuda":
         peak = _card_peak(here) or 312
         return peak * 1e12 * cfg.plan.mfu, (f"assumed {cfg.plan.mfu:.0%} MFU of {peak} TFLOP/s "
@@ -259,7 +275,17 @@ def max_micro_batch(cfg: Config, quote: Quote, kind: str, capacity: float, limit
     return best
 
 
-def fit_devices(quote: Quote, flops: float) -> list[Device]:
+def card_mfu(cfg: Config, card: str, history: Path) -> tuple[float, str]:
+    """The MFU a card is quoted at: the newest run on that kind of card in the history, else
+    ``plan.mfu``."""
+    peak = CARDS[card][1]
+    for run, device, flops, _ in measured_runs(history):
+        if device.startswith("cuda:") and card.split("-")[0] in device:
+            return flops / (peak * 1e12), f"measured on run {run}"
+    return cfg.plan.mfu, "assumed"
+
+
+def fit_devices(quote: Quote, flops: float, history: Path) -> list[Device]:
     """This machine first (its GPU, else its RAM), then the common cards."""
     import torch
 
@@ -282,7 +308,8 @@ def fit_devices(quote: Quote, flops: float) -> list[Device]:
         device = Device(name=name, memory_gib=round(capacity / GIB, 1), fits=q.memory.peak <= capacity,
                         max_micro_batch=mb, grad_accum=math.ceil(global_batch / mb) if mb else 0)  # fmt: skip
         if peak is not None:
-            device.hours = flops / (peak * 1e12 * cfg.plan.mfu) / 3600
+            device.mfu, device.mfu_source = card_mfu(cfg, name, history)
+            device.hours = flops / (peak * 1e12 * device.mfu) / 3600
             price = cfg.plan.gpu_prices.get(name)
             device.cost = None if price is None else price * device.hours
         out.append(device)
