@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.errors import ConfigError, ModelError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.evaluate.generate import stop_ids
 from tunelab.models.load import load_model, resolve_model, run_adapter
 
@@ -221,13 +221,3 @@ class _Pieces:
 
     def end(self) -> None:
         pass
-
-
-def check_base(base: str) -> None:
-    """Resolve the base model now, for a clear error before the server starts."""
-    try:
-        resolve_model(base)
-    except ModelError:
-        raise
-    except TunelabError as e:
-        raise ConfigError(str(e)) from None

@@ -91,13 +91,7 @@ class RunPlan:
             shape = model_shape(self.model_config)
         except ModelError:
             return None
-        seqs = [t.seq for t in self.train] + [
-            t.rejected for t in self.train if t.rejected is not None
-        ]
-        lengths = [len(s) for s in seqs]
-        weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(
-            sum(lengths) - len(seqs), 1
-        )
+        lengths, weighted = sequence_stats(self.train)
         adapter = 0 if self.method.trains_base else self.method.trainable_params(shape)
         return shape.train_flops_per_token(
             trains_base=self.method.trains_base, adapter=adapter,
@@ -147,6 +141,15 @@ class RunPlan:
         rows += [("resume", note) for note in self.notes]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def sequence_stats(train: list[TokenizedExample]) -> tuple[list[int], float]:
+    """(the length of every training sequence — a pair's rejected answer too —, the share of
+    their targets that carry loss weight): what FLOPs and memory are sized by."""
+    seqs = [t.seq for t in train] + [t.rejected for t in train if t.rejected is not None]
+    lengths = [len(s) for s in seqs]
+    weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(sum(lengths) - len(seqs), 1)
+    return lengths, weighted
 
 
 def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = True) -> RunPlan:

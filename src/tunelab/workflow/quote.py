@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tunelab.config.schema import Config
 from tunelab.data.pipeline import load_examples
-from tunelab.errors import ConfigError, ModelError, TunelabError
+from tunelab.errors import ConfigError, ModelError
 from tunelab.models.device import device_name
 from tunelab.models.load import load_model_config, resolve_model
 from tunelab.models.memory import GIB, Activity, Memory, estimate_memory, rule_of_thumb
@@ -28,7 +28,7 @@ from tunelab.models.shape import ModelShape, model_shape
 from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
 from tunelab.train.objectives import get_objective
-from tunelab.train.plan import check_files, datasets
+from tunelab.train.plan import check_files, datasets, sequence_stats
 
 #: card -> (memory in GB, dense bf16 peak in TFLOP/s; the T4's is fp16, it has no bf16)
 CARDS = {"T4-16GB": (16, 65), "L4-24GB": (24, 121), "A100-40GB": (40, 312),
@@ -101,7 +101,9 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     a machine without CUDA)."""
     check_files(cfg)
     objective = get_objective(cfg)
-    shape = model_shape(_model_config(cfg.model.name), where=f"model.name {cfg.model.name}")
+    shape = model_shape(
+        load_model_config(cfg.model.name, need_weights=False), where=f"model.name {cfg.model.name}"
+    )
     get_method(cfg.method).check_shape(shape)
     examples = load_examples(cfg.data.path, cfg.data)
     objective.check_data(examples)
@@ -140,15 +142,6 @@ def estimate(shape: ModelShape, cfg: Config, act: Activity) -> Memory:
     return estimate_memory(shape, get_method(cfg.method), act)
 
 
-def _model_config(name: str) -> dict:
-    try:
-        return load_model_config(name, need_weights=False)
-    except ModelError:
-        raise
-    except TunelabError as e:
-        raise ModelError(str(e)) from None
-
-
 def activity(cfg: Config, data: DataShape, device: str, micro_batch: int | None = None) -> Activity:
     """The step's activity at the configured (or another) micro-batch on ``device``."""
     seqs, length = data.worst_batch
@@ -180,10 +173,7 @@ def _data_shape(cfg: Config, examples) -> DataShape:
         estimated = f"no tokenizer ({e}): lengths estimated at {CHARS_PER_TOKEN} characters a token"
     if tokenizer is not None:
         train, _, _, _ = datasets(cfg, tokenizer, examples, None)
-        seqs = [t.seq for t in train] + [t.rejected for t in train if t.rejected is not None]
-        lengths = [len(s) for s in seqs]
-        targets = sum(len(s) - 1 for s in seqs)
-        weighted = sum(int((s.weights[1:] > 0).sum()) for s in seqs) / max(targets, 1)
+        lengths, weighted = sequence_stats(train)
         pairs = any(t.rejected is not None for t in train)
         rows = [max(len(t.seq), len(t.rejected) if t.rejected is not None else 0) for t in train]
     else:
