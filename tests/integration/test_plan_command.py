@@ -190,3 +190,14 @@ def test_preference_pairs_double_the_batch_and_lower_the_lr(tmp_path, model_dir)
 
     lr = {a.setting: a.value for a in advise(quote)}["train.lr"]
     assert lr <= 5e-5  # preference training takes far smaller steps than SFT
+
+
+def test_targets_without_loss_weight_are_left_out_of_the_head(tmp_path, model_dir, data_file):
+    """With prompt_loss_weight 0 only the answers' targets carry weight: the head computes those."""
+    weighted = make_quote(config(tmp_path, model_dir, data_file), history=tmp_path)
+    answers = make_quote(
+        config(tmp_path, model_dir, data_file, "data.prompt_loss_weight=0"), history=tmp_path
+    )
+    assert weighted.data.weighted_share == 1.0
+    assert 0 < answers.data.weighted_share < 0.7
+    assert answers.flops_per_token < weighted.flops_per_token
