@@ -178,3 +178,73 @@ def test_gguf_refuses_an_unsupported_family(tmp_path, data_file, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "g.gguf")]) == 2
     assert "model_type 'gemma' is not supported yet" in capsys.readouterr().err
     assert not (tmp_path / "g.gguf").exists()
+
+
+def _as_qlora(lora_run, tmp_path, bits, precision="fp32"):
+    """The LoRA run relabelled as a QLoRA run trained at ``precision`` (its adapter is a valid
+    adapter for the 4-bit base: what a merge does with it is the point, not how well it was
+    trained)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / f"qlora{bits}"
+    shutil.copytree(lora_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["method"].update(name="qlora", bits=bits)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps({**result, "precision": precision}))
+    return run
+
+
+@pytest.mark.parametrize(("bits", "precision"), [(4, "bf16"), (8, "fp32")])
+def test_a_qlora_adapter_merges_into_its_dequantised_base(
+    lora_run, model_dir, tmp_path, capsys, bits, precision
+):
+    pytest.importorskip("bitsandbytes", minversion="0.48")
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig
+
+    run = _as_qlora(lora_run, tmp_path, bits, precision)
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"merged into the {bits}-bit base de-quantised" in said and "merging is exact" in said
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(merged.config, "quantization_config", None) is None  # a plain fp32 model
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # the reference, built here with transformers and PEFT alone: the base quantised as QLoRA
+    # loaded it (from the weights in the run's precision), de-quantised, the adapter on top
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    if bits == 4:
+        settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    else:
+        settings = BitsAndBytesConfig(load_in_8bit=True)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=settings, device_map={"": "cpu"}, dtype=dtype
+    )
+    on_dequantised = PeftModel.from_pretrained(quantized.dequantize().float(), run / "final").eval()
+    expected = _logits(on_dequantised, tokenizer)
+    assert torch.allclose(_logits(merged, tokenizer), expected, atol=1e-5)
+    # and not the adapter on the original weights: they differ by the quantisation error
+    full_precision = _logits(_adapter_on_base(run, model_dir), tokenizer)
+    assert (full_precision - expected).abs().max() > 1e-3
+    # close to the training-time model, the adapter on the quantised base itself
+    quantized = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=settings, device_map={"": "cpu"}, dtype=torch.float32
+    )
+    trained = _logits(PeftModel.from_pretrained(quantized, run / "final").eval(), tokenizer)
+    assert (trained - expected).abs().max() < 0.05 * expected.std()
+
+
+def test_a_qlora_merge_that_does_not_match_is_refused(lora_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("bitsandbytes", minversion="0.48")
+    import tunelab.models.methods.lora as lora
+
+    monkeypatch.setattr(lora, "merge_and_unload", lambda model: model.unload())  # adapter lost
+    out = tmp_path / "merged"
+    assert main(["merge", str(_as_qlora(lora_run, tmp_path, 4)), "--out", str(out)]) == 2
+    assert "not writing it" in capsys.readouterr().err
+    assert not out.exists()

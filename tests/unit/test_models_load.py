@@ -4,6 +4,7 @@ Everything uses tiny random models built in-process; TUNELAB_HOME points into tm
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -295,6 +296,17 @@ def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
     with pytest.raises(ModelError, match="pip install bitsandbytes"):
         load_model("smollm2-135m-instruct", quantize_bits=4, device="cuda")
+
+
+def test_quantising_on_the_cpu_needs_a_recent_bitsandbytes(monkeypatch):
+    import types
+
+    from tunelab.models.load import load_quantized
+
+    old = types.SimpleNamespace(__version__="0.45.5")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", old)
+    with pytest.raises(ModelError, match="0.48 or newer"):
+        load_quantized("smollm2-135m-instruct", 4, dtype=torch.float32, device="cpu")
 
 
 # -- fingerprint -------------------------------------------------------------------------------

@@ -28,10 +28,15 @@ class Placement:
     def weight_dtype(self, trains_base: bool) -> torch.dtype:
         """Weights that are trained stay fp32 (master weights, autocast computes in half);
         frozen weights (a LoRA base, a model being evaluated) can live in half precision."""
-        return torch.float32 if trains_base else _HALF.get(self.precision, torch.float32)
+        return torch.float32 if trains_base else frozen_dtype(self.precision)
 
     def describe(self) -> str:
         return f"{self.device.type} ({self.precision})"
+
+
+def frozen_dtype(precision: str) -> torch.dtype:
+    """The dtype frozen weights are held in at ``precision`` (fp32, bf16, fp16)."""
+    return _HALF.get(precision, torch.float32)
 
 
 def choose_placement(cfg: ModelConfig) -> Placement:

@@ -247,12 +247,25 @@ def load_weights(
     """Load the causal LM ``name`` resolves to. ``quantize_bits`` 4 or 8 loads the weights with
     bitsandbytes (QLoRA; CUDA only, checked before anything is loaded). A run folder that ended
     as a LoRA adapter loads as its base with the adapter merged in (the model the run made)."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
     adapter = run_adapter(name)
     if adapter is not None:
         return _merged(*adapter, dtype=dtype, device=device, quantize_bits=quantize_bits)
+    if quantize_bits:
+        _check_cuda(device)
+    return _load(name, dtype=dtype, device=device, quantize_bits=quantize_bits)
+
+
+def load_quantized(name: str, bits: int, *, dtype: torch.dtype, device: str = "cpu"):
+    """``name`` quantised exactly as a QLoRA run's base was loaded for training (same
+    bitsandbytes settings, same weight dtype before quantisation) — on the CPU too, where
+    bitsandbytes (>= 0.48) can quantise and de-quantise: ``tunelab merge`` rebuilds the 4-bit base
+    a QLoRA adapter was trained on without a GPU."""
+    return _load(name, dtype=dtype, device=device, quantize_bits=bits)
+
+
+def _load(name: str, *, dtype: torch.dtype, device: str, quantize_bits: int | None):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     quantization = _bnb_config(quantize_bits, device) if quantize_bits else None
     source = resolve_model(name)
@@ -298,19 +311,29 @@ def _merged(base: str, adapter: Path, *, dtype, device: str, quantize_bits: int 
     return merge_and_unload(PeftModel.from_pretrained(model, adapter))
 
 
-def _bnb_config(bits: int, device: str):
-    if bits not in (4, 8):
-        raise ModelError(f"quantize_bits must be 4 or 8, not {bits}")
+def _check_cuda(device: str) -> None:
     if not torch.cuda.is_available():
         raise ModelError(NO_CUDA)
     if not str(device).startswith("cuda"):
         raise ModelError(f"QLoRA needs the model on the CUDA GPU, not on {device!r}")
+
+
+def _bnb_config(bits: int, device: str):
+    """The one quantisation QLoRA trains on (and merge rebuilds): NF4 with double quantisation,
+    or bitsandbytes' 8-bit; computing in half on CUDA, in fp32 on the CPU."""
+    if bits not in (4, 8):
+        raise ModelError(f"quantize_bits must be 4 or 8, not {bits}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelError(
             "QLoRA needs bitsandbytes, which is not installed: pip install bitsandbytes"
         ) from None
+    if not str(device).startswith("cuda") and _version(bitsandbytes.__version__) < (0, 48):
+        raise ModelError(
+            f"bitsandbytes {bitsandbytes.__version__} quantises on CUDA only; on the CPU it needs "
+            "0.48 or newer: pip install -U bitsandbytes"
+        )
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
@@ -319,8 +342,18 @@ def _bnb_config(bits: int, device: str):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+        bnb_4bit_compute_dtype=_compute_dtype(device),
     )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+def _compute_dtype(device: str) -> torch.dtype:
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _load_error(name: str, source: Path | str, e: Exception) -> ModelError:
