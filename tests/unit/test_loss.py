@@ -163,3 +163,44 @@ def test_chunked_head_with_lora_on_the_head(setup):
         plain = weighted_nll_sum(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
                                  batch.input_ids, batch.loss_weights)  # fmt: skip
     assert float(chunked) == pytest.approx(float(plain), rel=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fused_head_equals_the_checkpointed_head(softcap, head_trains):
+    """The fused head (gradient computed in the forward pass, nothing recomputed) gives the loss
+    and the gradients of hidden and head weight that autograd gives through the chunked head."""
+    from tunelab.models.nll import FusedHeadNLL, chunked_head_nll_sum, fused_head_nll_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 101, bias=False).requires_grad_(head_trains)
+    targets, weights = torch.randint(0, 101, (37,)), torch.rand(37)
+    weights[::5] = 0
+    grads = []
+    for fn in (chunked_head_nll_sum, fused_head_nll_sum):
+        hidden.grad = head.weight.grad = None
+        loss = fn(hidden, head, softcap, targets, weights, 8)
+        (loss * 2.0).backward()
+        grads.append((loss.detach(), hidden.grad, head.weight.grad))
+    (l1, h1, w1), (l2, h2, w2) = grads
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h2, h1, rtol=1e-5, atol=1e-6)
+    if head_trains:
+        torch.testing.assert_close(w2, w1, rtol=1e-5, atol=1e-6)
+    else:
+        assert w2 is None
+    # it is the fused path that ran, and under bf16 autocast it stays within bf16's rounding
+    calls = []
+    original = FusedHeadNLL.forward
+    FusedHeadNLL.forward = staticmethod(lambda *a: calls.append(1) or original(*a))
+    try:
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_head_nll_sum(hidden, head, softcap, targets, weights, 8)
+        loss.backward()
+    finally:
+        FusedHeadNLL.forward = original
+    assert calls and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.detach(), l1, rtol=2e-2, atol=0)
+    torch.testing.assert_close(hidden.grad * 2, h1, rtol=0.1, atol=2e-3)

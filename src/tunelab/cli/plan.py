@@ -64,6 +64,8 @@ def _hours(seconds: float) -> str:
 
 
 def show(quote, advice) -> None:
+    from tunelab.workflow.quote import training_precision
+
     console = Console(highlight=False, soft_wrap=True)
     cfg, d, m, s = quote.cfg, quote.data, quote.memory, quote.shape
     console.print(f"[bold]model[/]   {escape(cfg.model.name)}: {s.family}, {s.params / 1e6:,.1f}M parameters "
@@ -74,8 +76,9 @@ def show(quote, advice) -> None:
                   f"{d.weighted_share:.0%} of targets carry loss weight")  # fmt: skip
     console.print(f"[bold]method[/]  {cfg.method.name}, {m.trainable:,} trainable parameters; "
                   f"largest micro-batch: {seqs} sequences x {length} tokens (padded)")  # fmt: skip
+    precision = training_precision(cfg, quote.here, s.hidden)
     table = Table(
-        title=f"memory on {'this machine' if quote.runs_here else 'a CUDA GPU'}: {quote.here} ({_precision(cfg, quote.here)})",
+        title=f"memory on {'this machine' if quote.runs_here else 'a CUDA GPU'}: {quote.here} ({precision})",
         title_justify="left",
     )
     table.add_column("component")
@@ -138,9 +141,3 @@ def _money(cost: float | None) -> str:
     if cost is None:
         return "-"
     return "<$0.01" if cost < 0.01 else f"${cost:,.2f}"
-
-
-def _precision(cfg, here: str) -> str:
-    if cfg.model.precision != "auto":
-        return cfg.model.precision
-    return "bf16" if here == "cuda" else "fp32"

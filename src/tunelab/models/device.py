@@ -1,5 +1,12 @@
 """Where a model runs and in which precision — decided once, from ``model.device`` and
-``model.precision``, for training and evaluation alike, before anything is loaded."""
+``model.precision``, for training and evaluation alike, before anything is loaded.
+
+``precision: auto`` is bf16 on a CUDA GPU that has it. On a CPU it is fp32, except for training
+a model at least :data:`BF16_MIN_HIDDEN` wide on a CPU that computes bf16 natively (AVX512-BF16
+or AMX) where a quick timing of a matrix product of the model's width shows bf16 at least
+:data:`BF16_MIN_SPEEDUP` times faster; the timing is cached per machine and width, and the
+choice and its reason are said when the run starts.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +22,16 @@ from tunelab.errors import ConfigError
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+BF16_MIN_HIDDEN = 256  # narrower matrices are overhead-bound: bf16 buys nothing there
+BF16_MIN_SPEEDUP = 1.3
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+
+
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16 ("auto" resolved)
+    reason: str = ""  # why, when "auto" chose it
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -31,7 +44,8 @@ class Placement:
         return torch.float32 if trains_base else frozen_dtype(self.precision)
 
     def describe(self) -> str:
-        return f"{self.device.type} ({self.precision})"
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.device.type} ({self.precision}{why})"
 
 
 def frozen_dtype(precision: str) -> torch.dtype:
@@ -39,8 +53,10 @@ def frozen_dtype(precision: str) -> torch.dtype:
     return _HALF.get(precision, torch.float32)
 
 
-def choose_placement(cfg: ModelConfig) -> Placement:
-    """(device, precision) for ``cfg`` on this machine — or a clear error naming the setting."""
+def choose_placement(cfg: ModelConfig, *, train_hidden: int | None = None) -> Placement:
+    """(device, precision) for ``cfg`` on this machine — or a clear error naming the setting.
+    ``train_hidden``: the width of a model about to be trained (lets ``auto`` pick bf16 on a CPU
+    where it pays)."""
     has_cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not has_cuda:
         raise ConfigError(
@@ -49,11 +65,77 @@ def choose_placement(cfg: ModelConfig) -> Placement:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and has_cuda)
     device = torch.device("cuda" if use_cuda else "cpu")
     precision = cfg.precision
+    reason = ""
     if precision == "auto":
-        precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if use_cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        elif train_hidden is not None:
+            precision, reason = cpu_training_precision(train_hidden)
+        else:
+            precision = "fp32"
     if precision == "fp16" and not use_cuda:
         raise ConfigError("model.precision: 'fp16' needs a CUDA GPU (use fp32 or bf16 on the CPU)")
-    return Placement(device, precision)
+    return Placement(device, precision, reason)
+
+
+def cpu_training_precision(hidden: int) -> tuple[str, str]:
+    """("bf16" or "fp32", why) for training a model ``hidden`` wide on this CPU."""
+    if hidden < BF16_MIN_HIDDEN:
+        return "fp32", f"auto: a model {hidden} wide gains nothing from bf16"
+    flags = cpu_flags()
+    native = [f for f in BF16_FLAGS if f in flags]
+    if not native:
+        return "fp32", "auto: this CPU has no native bf16 (AVX512-BF16 or AMX)"
+    speedup = bf16_speedup(hidden)
+    timing = f"a {hidden}-wide matrix product runs {speedup:.1f}x as fast in bf16"
+    if speedup < BF16_MIN_SPEEDUP:
+        return "fp32", f"auto: {timing} (< {BF16_MIN_SPEEDUP}x)"
+    return "bf16", f"auto: this CPU has {native[0].upper()} and {timing}"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_speedup(hidden: int) -> float:
+    """fp32 time / bf16 time of a [256, hidden] x [hidden, 4 hidden] product on this machine,
+    measured once per machine and width (cached in TUNELAB_HOME)."""
+    import json
+
+    from tunelab.files import atomic_write_json
+    from tunelab.models.catalog import home
+
+    cache = home() / "bf16_speedup.json"
+    key = (
+        f"{device_name('cpu')} torch {torch.__version__} threads {torch.get_num_threads()} {hidden}"
+    )
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        a, b = torch.randn(256, hidden), torch.randn(hidden, 4 * hidden)
+        known[key] = round(_best_time(a, b) / _best_time(a.bfloat16(), b.bfloat16()), 3)
+        atomic_write_json(cache, known)
+    return known[key]
+
+
+def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int = 7) -> float:
+    import time
+
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def device_name(kind: str) -> str:

@@ -79,6 +79,86 @@ def chunked_head_nll_sum(hidden, head, softcap, targets, weights, chunk: int) ->
     return total
 
 
+class FusedHeadNLL(torch.autograd.Function):
+    """sum w * NLL of ``hidden @ weight.T`` whose gradient is computed in the forward pass, one
+    chunk of rows at a time: the softmax minus the one-hot is multiplied straight back into the
+    gradient of ``hidden`` (and of ``weight`` when it trains). No chunk's logits are kept and
+    none are recomputed — two head matmuls per row instead of the three of a checkpointed head,
+    and the memory of one chunk. Under autocast the matmuls run in its dtype, the softmax in
+    fp32, as autograd would."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, w, softcap, chunk, need_hidden, need_weight):
+        dtype = _compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            total, grad_h, grad_w = _fused_head(
+                hidden, weight.to(dtype), targets, w, softcap, chunk, dtype,
+                need_hidden, need_weight,
+            )  # fmt: skip
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad.to(grad_h.dtype) if ctx.needs_input_grad[0] else None,
+            (grad_w * grad).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
+            *([None] * 6),
+        )
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _fused_head(hidden, weight, targets, w, softcap, chunk, dtype, need_hidden, need_weight):
+    n = hidden.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight \
+        else weight.new_empty(0)  # fmt: skip
+    for i in range(0, n, chunk):
+        h = hidden[i : i + chunk].to(dtype)
+        logits = (h @ weight.t()).float()
+        if softcap:
+            capped = torch.tanh(logits / softcap)
+            logits = capped * softcap
+        lse = torch.logsumexp(logits, dim=-1)
+        t, wi = targets[i : i + chunk], w[i : i + chunk]
+        rows = torch.arange(t.shape[0], device=t.device)
+        total += ((lse - logits[rows, t]) * wi).sum()
+        if not (need_hidden or need_weight):
+            continue
+        g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+        g[rows, t] -= 1
+        g.mul_(wi[:, None])
+        if softcap:
+            g.mul_(1 - capped * capped)
+        g = g.to(dtype)
+        if need_hidden:
+            grad_h[i : i + chunk] = g @ weight
+        if need_weight:
+            grad_w += (g.t() @ h).float()
+    return total, grad_h, grad_w
+
+
+def fused_head_nll_sum(hidden, head, softcap, targets, weights, chunk: int) -> torch.Tensor:
+    """:class:`FusedHeadNLL` for a plain linear head (no bias, no adapter on it); the
+    checkpointed :func:`chunked_head_nll_sum` for any other."""
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return chunked_head_nll_sum(hidden, head, softcap, targets, weights, chunk)
+    grad = torch.is_grad_enabled()
+    return FusedHeadNLL.apply(
+        hidden, head.weight, targets, weights, softcap, chunk,
+        grad and hidden.requires_grad, grad and head.weight.requires_grad,
+    )  # fmt: skip
+
+
 def causal_lm_nll_sum(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -102,7 +182,7 @@ def causal_lm_nll_sum(
     hidden = decoder(**inputs).last_hidden_state
     w = weights[:, 1:]
     keep = w > 0
-    return chunked_head_nll_sum(
+    return fused_head_nll_sum(
         hidden[:, :-1][keep], head, softcap, input_ids[:, 1:][keep], w[keep], chunk
     )
 

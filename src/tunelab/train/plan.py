@@ -166,6 +166,9 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     val_examples = load_examples(cfg.data.val_path, cfg.data) if cfg.data.val_path else None
     objective.check_data(examples + (val_examples or []))
     model_config = load_model_config(cfg.model.name)
+    if cfg.model.precision == "auto":  # on a CPU, bf16 where it pays for this model's width
+        text = model_config.get("text_config") or model_config
+        placement = choose_placement(cfg.model, train_hidden=text.get("hidden_size"))
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
     train, val, dropped, truncated = datasets(cfg, tokenizer, examples, val_examples)
     objective_notes = objective.prepare(train, val, cfg)

@@ -65,7 +65,9 @@ def advise(
 def _method(quote: Quote) -> Advice:
     cfg, n, here = quote.cfg, quote.data.examples, target(quote)
     full = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "full"})})
-    need = estimate(quote.shape, full, activity(full, quote.data, quote.here)).peak
+    need = estimate(
+        quote.shape, full, activity(full, quote.data, quote.here, hidden=quote.shape.hidden)
+    ).peak
     fits_full = need <= here.memory_gib * 2**30
     if n < FULL_ABOVE:
         value, reason = "lora", (f"below ~{FULL_ABOVE:,} examples LoRA learns as well as full "
@@ -75,7 +77,9 @@ def _method(quote: Quote) -> Advice:
     else:
         value, reason = "full", "plenty of data and full fine-tuning fits: it can learn the most"
     lora = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "lora"})})
-    lora_need = estimate(quote.shape, lora, activity(lora, quote.data, quote.here)).peak
+    lora_need = estimate(
+        quote.shape, lora, activity(lora, quote.data, quote.here, hidden=quote.shape.hidden)
+    ).peak
     if not _trains_base(value) and lora_need > here.memory_gib * 2**30 and quote.here == "cuda":
         value, reason = (
             "qlora",

@@ -20,7 +20,7 @@ from pathlib import Path
 from tunelab.config.schema import Config
 from tunelab.data.pipeline import load_examples
 from tunelab.errors import ConfigError, ModelError
-from tunelab.models.device import device_name
+from tunelab.models.device import cpu_training_precision, device_name
 from tunelab.models.load import load_model_config, resolve_model
 from tunelab.models.memory import GIB, Activity, Memory, estimate_memory, rule_of_thumb
 from tunelab.models.methods import get_method
@@ -115,7 +115,7 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     machine = _here()
     runs_here = get_method(cfg.method).quantize_bits is None or machine == "cuda"
     here = machine if runs_here else "cuda"
-    memory = estimate(shape, cfg, activity(cfg, data, here))
+    memory = estimate(shape, cfg, activity(cfg, data, here, hidden=shape.hidden))
     fpt = shape.train_flops_per_token(
         trains_base=get_method(cfg.method).trains_base, adapter=memory.trainable,
         s_eff=data.s_eff, head_share=data.weighted_share, recompute=cfg.model.gradient_checkpointing,
@@ -138,18 +138,26 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     return quote
 
 
+def training_precision(cfg: Config, device: str, hidden: int) -> str:
+    """The precision a run of ``cfg`` trains in on ``device`` (``auto`` resolved)."""
+    if cfg.model.precision != "auto":
+        return cfg.model.precision
+    return "bf16" if device == "cuda" else cpu_training_precision(hidden)[0]
+
+
 def estimate(shape: ModelShape, cfg: Config, act: Activity) -> Memory:
     return estimate_memory(shape, get_method(cfg.method), act)
 
 
-def activity(cfg: Config, data: DataShape, device: str, micro_batch: int | None = None) -> Activity:
-    """The step's activity at the configured (or another) micro-batch on ``device``."""
+def activity(
+    cfg: Config, data: DataShape, device: str, micro_batch: int | None = None, *, hidden: int
+) -> Activity:
+    """The step's activity at the configured (or another) micro-batch on ``device`` (a model
+    ``hidden`` wide: on this machine's CPU, ``auto`` precision is what training would choose)."""
     seqs, length = data.worst_batch
     if micro_batch is not None:
         seqs, length = micro_batch * (2 if data.pairs else 1), data.max_len
-    precision = cfg.model.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" else "fp32"
+    precision = training_precision(cfg, device, hidden)
     reference = (get_objective(cfg).uses_reference and get_method(cfg.method).trains_base
                  and cfg.train.preference.precompute_ref is False)  # fmt: skip
     return Activity(
@@ -258,7 +266,9 @@ def max_micro_batch(cfg: Config, quote: Quote, kind: str, capacity: float, limit
     best = 0
     b = 1
     while b <= limit:
-        need = estimate(quote.shape, cfg, activity(cfg, quote.data, kind, b)).peak
+        need = estimate(
+            quote.shape, cfg, activity(cfg, quote.data, kind, b, hidden=quote.shape.hidden)
+        ).peak
         if need > capacity:
             break
         best, b = b, b * 2
@@ -293,7 +303,12 @@ def fit_devices(quote: Quote, flops: float, history: Path) -> list[Device]:
         rows.append(("this machine (RAM)", _ram(), "cpu", None))
     rows += [(card, gb * 1e9, "cuda", peak) for card, (gb, peak) in CARDS.items()]
     for name, capacity, kind, peak in rows:
-        q = replace(quote, memory=estimate(quote.shape, cfg, activity(cfg, quote.data, kind)))
+        q = replace(
+            quote,
+            memory=estimate(
+                quote.shape, cfg, activity(cfg, quote.data, kind, hidden=quote.shape.hidden)
+            ),
+        )
         mb = max_micro_batch(cfg, q, kind, capacity, limit=global_batch)
         device = Device(name=name, memory_gib=round(capacity / GIB, 1), fits=q.memory.peak <= capacity,
                         max_micro_batch=mb, grad_accum=math.ceil(global_batch / mb) if mb else 0)  # fmt: skip
@@ -334,7 +349,9 @@ def savings(quote: Quote) -> list[tuple[str, int]]:
             )
         if "train" in update:
             data = replace(data, worst_batch=(2 if data.pairs else 1, data.max_len))
-        peak = estimate(quote.shape, changed, activity(changed, data, quote.here)).peak
+        peak = estimate(
+            quote.shape, changed, activity(changed, data, quote.here, hidden=quote.shape.hidden)
+        ).peak
         if peak < quote.memory.peak:
             out.append((label, peak))
     return sorted(out, key=lambda x: x[1])

@@ -1,0 +1,291 @@
+"""Training speed on this machine: tunelab against Hugging Face Trainer + PEFT, side by side.
+
+    python bench/train_speed.py [--steps 20] [--config examples/extract/train.yaml]
+                                [--contenders tunelab,tunelab-plw0,hf,hf-bf16] [--json FILE]
+
+Every contender runs in its own process, one after another, on the *same optimizer steps*: the
+parent builds tunelab's step plan from the config (data read, tokenised with its loss weights,
+micro-batches drawn) and hands the very token ids to the Hugging Face contenders in that order;
+tunelab's own run logs a checksum of each step's examples, compared here ("batches: identical").
+
+Contenders (LoRA as the config sets it; the first step is timed apart):
+  tunelab       the config as written (its prompt_loss_weight, its precision)
+  tunelab-plw0  the same with prompt_loss_weight 0: Hugging Face's objective, for loss parity
+  tunelab-fp32  the same as tunelab with model.precision=fp32 (what auto chose before bf16)
+  tunelab-bf16  the same as tunelab with model.precision=bf16
+  hf            Trainer + PEFT as users write it: fp32, DataCollatorForSeq2Seq (pad to the
+                longest of the batch), prompt labels -100
+  hf-bf16       the same with bf16=True (autocast)
+  hf-bf16-compile  the same with torch_compile=True
+
+Printed: real (non-padding) tokens/s over the timed steps, median s/step, first-step seconds,
+peak RSS, the last loss, the ratio to ``hf``, and the achieved GFLOP/s against the peak of a
+large matrix product (fp32 and bf16) measured in the same run. Loss parity: tunelab-plw0 and hf
+on the same steps (the first step is before any update, so it must agree to rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTENDERS = ("tunelab", "tunelab-plw0", "tunelab-fp32", "tunelab-bf16", "hf", "hf-bf16",
+              "hf-bf16-compile")
+
+
+# -- the parent ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (after the first)")
+    ap.add_argument("--config", default="examples/extract/train.yaml")
+    ap.add_argument("--contenders", default="tunelab,tunelab-plw0,hf,hf-bf16")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, Path(args.work), args.config, args.steps)
+    names = args.contenders.split(",")
+    unknown = set(names) - set(CONTENDERS)
+    if unknown:
+        sys.exit(f"--contenders: unknown {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        steps = prepare(args.config, args.steps + 1, work)
+        peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
+        results = {name: run_child(name, work, args) for name in names}
+    report(results, steps, peaks, args)
+
+
+def prepare(config: str, steps: int, work: Path) -> list[dict]:
+    """tunelab's step plan for ``config``: each step's micro-batches as token ids and weights."""
+    from tunelab.config.load import load_config
+    from tunelab.models.load import resolve_model
+    from tunelab.train.plan import build_plan
+
+    cfg = load_config(ROOT / config, [f"train.output_dir={work / 'plan'}"])
+    resolve_model(cfg.model.name)  # pulled and converted once, untimed
+    plan = build_plan(cfg, read_weights=False)
+    out = []
+    for k in range(steps):
+        _, micro = plan.steps.step(k)
+        out.append({
+            "order": zlib.crc32(repr(micro).encode()),
+            "micro": [[{"ids": [int(t) for t in plan.train[i].seq.input_ids],
+                        "weights": [float(w) for w in plan.train[i].seq.weights]} for i in mb]
+                      for mb in micro],
+        })  # fmt: skip
+    (work / "steps.json").write_text(json.dumps(out))
+    return out
+
+
+def matmul_peak(dtype: str, n: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of a large square matrix product in ``dtype`` on this machine."""
+    import torch
+
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    b = torch.randn(n, n).to(getattr(torch, dtype))
+    a @ b  # warm-up
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
+
+
+def run_child(name: str, work: Path, args) -> dict:
+    out = work / f"{name}.json"
+    cmd = [sys.executable, __file__, "--child", name, "--work", str(work),
+           "--config", args.config, "--steps", str(args.steps)]  # fmt: skip
+    print(f"running {name} ...", flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{name} failed (exit {os.waitstatus_to_exitcode(status)}): run {' '.join(cmd)}")
+    result = json.loads(out.read_text())
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
+def report(results: dict, steps: list[dict], peaks: dict, args) -> None:
+    flops = steps_flops(args.config)
+    base = results.get("hf")
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; {versions()}")
+    print(f"config: {args.config}; {args.steps} timed steps after the first; "
+          f"matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f}")  # fmt: skip
+    print("\n| contender | precision | real tokens/s | × hf | s/step (median) | first step s "
+          "| peak RSS MiB | last loss | GFLOP/s (% of peak) |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for name, r in results.items():
+        timed = r["seconds"][1:]
+        speed = sum(r["tokens"][1:]) / sum(timed)
+        ratio = f"{speed / _speed(base):.2f}" if base else "—"
+        peak = peaks["bfloat16" if r["precision"] == "bf16" else "float32"]
+        achieved = speed * flops / 1e9
+        print(f"| {name} | {r['precision']} | {speed:.1f} | {ratio} | {statistics.median(timed):.2f} | "
+              f"{r['seconds'][0]:.2f} | {r['peak_rss_mib']:.0f} | {r['losses'][-1]:.4f} | "
+              f"{achieved:.0f} ({100 * achieved / peak:.0f} %) |")  # fmt: skip
+    for name, r in results.items():
+        if "orders" in r:
+            same = r["orders"] == [s["order"] for s in steps]
+            print(f"batches of {name}: {'identical to the plan' if same else 'DIFFERENT'}")
+    if base and "tunelab-plw0" in results:
+        ours = results["tunelab-plw0"]["losses"]
+        rel = [abs(a - b) / b for a, b in zip(ours, base["losses"], strict=True)]
+        print(f"loss parity tunelab-plw0 vs hf: first step |Δ|/loss {rel[0]:.1e}, "
+              f"mean over {len(rel)} steps {statistics.mean(rel):.2%}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "peaks": peaks}, indent=1))
+
+
+def _speed(r: dict) -> float:
+    return sum(r["tokens"][1:]) / sum(r["seconds"][1:])
+
+
+def steps_flops(config: str) -> float:
+    """Useful training FLOPs per real token (PERFORMANCE.md: 4N + 6 N_adapter + attention)."""
+    from tunelab.config.load import load_config
+    from tunelab.workflow.quote import make_quote
+
+    cfg = load_config(ROOT / config, ["train.output_dir=/tmp/tunelab-bench-unused"])
+    return make_quote(cfg).flops_per_token
+
+
+def cpu_name() -> str:
+    from tunelab.models.device import device_name
+
+    return device_name("cpu").removeprefix("cpu:")
+
+
+def versions() -> str:
+    import peft
+    import torch
+    import transformers
+
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}")  # fmt: skip
+
+
+# -- the contenders ------------------------------------------------------------------------------
+
+
+def child(name: str, work: Path, config: str, steps: int) -> None:
+    result = run_tunelab(name, work, config, steps) if name.startswith("tunelab") else \
+        run_hf(name, work, config)  # fmt: skip
+    (work / f"{name}.json").write_text(json.dumps(result))
+
+
+def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
+    from tunelab.config.load import load_config
+    from tunelab.workflow.finetune import finetune
+
+    overrides = [f"train.output_dir={work / name}", "name=run", f"train.max_steps={steps + 1}",
+                 "train.eval_at_start=false", f"train.eval_steps={steps + 1}", "eval.at_end=false",
+                 "train.keep=last"]  # fmt: skip
+    if name == "tunelab-plw0":
+        overrides.append("data.prompt_loss_weight=0")
+    if name in ("tunelab-fp32", "tunelab-bf16"):
+        overrides.append(f"model.precision={name.removeprefix('tunelab-')}")
+    run = finetune(load_config(ROOT / config, overrides), log=lambda *a, **k: None)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "tokens_per_s" in r]
+    return {
+        "tokens": [r["tokens"] for r in records],
+        "seconds": [r["tokens"] / r["tokens_per_s"] for r in records],
+        "losses": [r["loss"] for r in records],
+        "orders": [r["order"] for r in records],
+        "precision": json.loads((run / "result.json").read_text())["precision"],
+    }
+
+
+def run_hf(name: str, work: Path, config: str) -> dict:
+    """Trainer + PEFT as a user writes it, fed the plan's examples in the plan's order."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from tunelab.config.load import load_config
+    from tunelab.models.load import resolve_model
+    from tunelab.train.optim import warmup_steps
+
+    cfg = load_config(ROOT / config, [f"train.output_dir={work / name}"])
+    steps = json.loads((work / "steps.json").read_text())
+    rows = [{"input_ids": e["ids"], "attention_mask": [1] * len(e["ids"]),
+             "labels": [t if w >= 1 else -100 for t, w in zip(e["ids"], e["weights"], strict=True)]}
+            for step in steps for mb in step["micro"] for e in mb]  # fmt: skip
+    path = resolve_model(cfg.model.name)
+    torch.manual_seed(cfg.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m = cfg.method
+    model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha or 2 * m.r, lora_dropout=m.dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(work / name), per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum, max_steps=len(steps), learning_rate=t.lr,
+        lr_scheduler_type=t.schedule, warmup_steps=warmup_steps(t, len(steps)), logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+        bf16="bf16" in name, torch_compile="compile" in name, seed=cfg.train.seed,
+        remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    clock = Clock()
+
+    class InOrder(Trainer):  # the plan's order, not a shuffle
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=args, train_dataset=rows, callbacks=[clock],
+                      data_collator=DataCollatorForSeq2Seq(AutoTokenizer.from_pretrained(path),
+                                                           padding=True))  # fmt: skip
+    trainer.train()
+    tokens = [sum(len(e["ids"]) for mb in s["micro"] for e in mb) for s in steps]
+    return {"tokens": tokens, "seconds": clock.seconds, "losses": clock.losses,
+            "precision": "bf16" if "bf16" in name else "fp32"}  # fmt: skip
+
+
+class Clock:
+    """A Trainer callback: the wall time of each optimizer step and its logged loss."""
+
+    def __init__(self):
+        self.seconds, self.losses, self.last = [], [], None
+
+    def __getattr__(self, event):  # every other callback event: nothing to do
+        if event.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(event)
+
+    def on_train_begin(self, *a, **k):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, *a, **k):
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last = now
+
+    def on_log(self, args, state, control, logs=None, **k):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+if __name__ == "__main__":
+    main()
