@@ -19,4 +19,38 @@ def test_bf16_training_keeps_loss_parity_with_fp32(tmp_path, model_dir, data_fil
     drift = statistics.mean(abs(a - b) / a for a, b in zip(fp32, bf16, strict=True))
     assert 0 < drift < 0.01, drift  # bf16 really ran (not bit-identical) and stayed close
     assert fp32[-1] < 0.95 * fp32[0]  # over a curve that moves
-    assert json.loads((runs["bf16"] / "result.json").read_text())["precision"] == "bf16"
+    result = json.loads((runs["bf16"] / "result.json").read_text())
+    assert result["precision"] == "bf16" and result["attention"] == "eager"  # short, on a CPU
+
+
+def test_lora_under_autocast_skips_peft_casts_and_changes_no_number(tmp_path, model_dir, data_file):
+    """The bf16 step leaves casting to autocast (PEFT's copy of each LoRA input to fp32 and back
+    is skipped): the same loss and gradients to the bit, and the flag restored afterwards."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tunelab.models.tokenizer import pad_id
+    from tunelab.train.plan import build_plan
+    from tunelab.train.recipe import load
+
+    plan = build_plan(config(tmp_path, model_dir, data_file, "model.precision=bf16"))
+    model = plan.method.apply(load(plan))
+    assert plan.attention == "eager" and model.config._attn_implementation == "eager"
+    batch = plan.objective.collate(plan.train[:4], pad_id(plan.tokenizer))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    results = []
+    for context in (
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16),  # PEFT casting as it comes
+        lambda: plan.autocast(model),
+    ):
+        model.zero_grad()
+        with context():
+            flags = {getattr(m, "cast_input_dtype_enabled", True) for m in layers}
+            loss = plan.objective.loss_sum(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((flags, loss.detach(), grads))
+    (before, l1, g1), (inside, l2, g2) = results
+    assert before == {True} and inside == {False}
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)  # restored
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))

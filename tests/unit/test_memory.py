@@ -114,3 +114,11 @@ def test_the_cpu_optimizer_step_holds_temporaries_of_the_largest_trained_tensor(
     assert round(cpu.tensors / MIB) == 21863  # MemTracker: 20,861
     lora = estimate_memory(llama_1b, M(name="lora"), _act())
     assert lora.update == 3 * 4 * 16 * 8192
+
+
+def test_eager_attention_keeps_its_probabilities():
+    """Eager attention (short sequences on a CPU) keeps each layer's fp32 softmax and its cast:
+    batch x heads x length² x (4 + 2) bytes in bf16, for every trained layer."""
+    sdpa = estimate_memory(SMOLLM2, M(name="lora"), _act(precision="bf16"))
+    eager = estimate_memory(SMOLLM2, M(name="lora"), _act(precision="bf16", eager_attention=True))
+    assert eager.activations - sdpa.activations == 30 * 4 * 9 * 128**2 * 6

@@ -52,3 +52,9 @@ def test_the_timing_is_done_once_per_machine_and_width(cpu):
     assert len(cpu["timed"]) == 2  # fp32 and bf16, once
     _choose(768)
     assert len(cpu["timed"]) == 4
+
+
+def test_eager_attention_for_short_sequences_on_a_cpu_only():
+    assert device.training_attention("cpu", 110) == "eager"
+    assert device.training_attention("cpu", device.EAGER_MAX_LEN + 1) == "sdpa"
+    assert device.training_attention("cuda", 110) == "sdpa"

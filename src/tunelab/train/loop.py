@@ -55,10 +55,7 @@ class Run:
     said: set[str] = field(default_factory=set)  # what train.doctor has already warned about
 
     def autocast(self):
-        dtype = self.plan.placement.autocast_dtype
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.plan.placement.device.type, dtype=dtype)
+        return self.plan.autocast(self.model)
 
     def batches(self, indices: list[list[int]]) -> list:
         pad, device = pad_id(self.plan.tokenizer), self.plan.placement.device

@@ -7,9 +7,12 @@ any weight is read; :mod:`tunelab.train.recipe` then executes the plan.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from tunelab.checkpoint.manager import CheckpointManager, verify
 from tunelab.checkpoint.state import (
@@ -25,7 +28,7 @@ from tunelab.data.split import split_indices
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import ConfigError, DataError, ModelError, Problem, TunelabError
 from tunelab.files import file_sha256
-from tunelab.models.device import Placement, choose_placement
+from tunelab.models.device import Placement, choose_placement, training_attention
 from tunelab.models.load import describe_config, load_model_config, model_fingerprint, resolve_model
 from tunelab.models.methods import Method, get_method
 from tunelab.models.shape import model_shape
@@ -68,6 +71,7 @@ class RunPlan:
     fingerprint: dict
     notes: list[str] = field(default_factory=list)  # resume decisions worth telling the user
     objective_notes: list[str] = field(default_factory=list)  # what the objective decided
+    attention: str = "sdpa"  # the attention implementation trained with (models/device.py)
 
     @property
     def fresh(self) -> bool:
@@ -83,6 +87,17 @@ class RunPlan:
         )
         parts += [f"{n} dropped: {reason}" for reason, n in sorted(self.dropped.items()) if n]
         return "; ".join(parts)
+
+    def autocast(self, model):
+        """The context every forward of ``model`` runs in: autocast at the placement's half
+        precision (none in fp32), with what the method needs under it."""
+        dtype = self.placement.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type=self.placement.device.type, dtype=dtype))
+        stack.enter_context(self.method.under_autocast(model))
+        return stack
 
     def flops_per_token(self) -> float | None:
         """Training FLOPs per real token of this run (PERFORMANCE.md's arithmetic); None for a
@@ -188,6 +203,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
+        attention=training_attention(placement.device.type, max(len(x.seq) for x in train + val)),
     )  # fmt: skip
 
 

@@ -77,6 +77,8 @@ def load(plan: RunPlan) -> torch.nn.Module:
                 out_of_memory_message(plan.cfg, plan.method, "model load")
             ) from None
         raise
+    if plan.attention != "sdpa" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(plan.attention)
     if plan.cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -106,7 +108,8 @@ def announce(run: Run, log=print) -> None:
         log(f"reference model: {describe_reference(plan)}")
     log(
         f"run folder: {plan.run_dir}\n"
-        f"model {plan.cfg.model.name} on {plan.placement.describe()}, method {plan.method.describe()}: "
+        f"model {plan.cfg.model.name} on {plan.placement.describe()}, {plan.attention} attention, "
+        f"method {plan.method.describe()}: "
         f"{trainable:,} of {total:,} parameters trained\n"
         f"data: {len(plan.train)} train / {len(plan.val)} val examples"
         + (f" ({plan.truncation()})" if plan.truncation() else "")
@@ -175,7 +178,7 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "name": plan.run_dir.name, "model": cfg.model.name, "method": cfg.method.model_dump(mode="json"),
         "objective": plan.objective.name,
         "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
-        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision,
+        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision, "attention": plan.attention,
         "train_flops_per_token": plan.flops_per_token(),
         "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
         "truncated": plan.truncated, "truncation": plan.truncation() or None,

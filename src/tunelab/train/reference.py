@@ -57,7 +57,7 @@ def compute(plan: RunPlan, model: torch.nn.Module, examples: list) -> list[list[
     out: list[list[float]] = []
     was_training = model.training
     model.eval()
-    with torch.no_grad(), _adapter_off(model), _autocast(plan):
+    with torch.no_grad(), _adapter_off(model), plan.autocast(model):
         for i in range(0, len(examples), size):
             chunk = examples[i : i + size]
             per = [objective.ref_rows(t) for t in chunk]
@@ -90,13 +90,6 @@ def _adapter_off(model: torch.nn.Module):
     return (
         model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     )
-
-
-def _autocast(plan: RunPlan):
-    dtype = plan.placement.autocast_dtype
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=plan.placement.device.type, dtype=dtype)
 
 
 def _key(plan: RunPlan) -> dict:

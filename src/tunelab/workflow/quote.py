@@ -20,7 +20,7 @@ from pathlib import Path
 from tunelab.config.schema import Config
 from tunelab.data.pipeline import load_examples
 from tunelab.errors import ConfigError, ModelError
-from tunelab.models.device import cpu_training_precision, device_name
+from tunelab.models.device import cpu_training_precision, device_name, training_attention
 from tunelab.models.load import load_model_config, resolve_model
 from tunelab.models.memory import GIB, Activity, Memory, estimate_memory, rule_of_thumb
 from tunelab.models.methods import get_method
@@ -165,6 +165,7 @@ def activity(
         weighted_tokens=max(1, round(seqs * (length - 1) * data.weighted_share)),
         precision=precision, device=device,
         gradient_checkpointing=cfg.model.gradient_checkpointing, reference_copy=reference,
+        eager_attention=training_attention(device, data.max_len) == "eager",
     )  # fmt: skip
 
 

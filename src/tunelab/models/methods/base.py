@@ -19,6 +19,7 @@ and a resumed run rebuilds the same parameter list.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -68,6 +69,10 @@ class Method:
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model
+
+    def under_autocast(self, model: nn.Module):
+        """A context for forwards under autocast (LoRA: no casting of inputs to fp32)."""
+        return contextlib.nullcontext()
 
     def memory_advice(self) -> list[str]:
         """What this method could change to need less memory (the OOM message lists these)."""
