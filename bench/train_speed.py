@@ -10,6 +10,7 @@ tunelab's own run logs a checksum of each step's examples, compared here ("batch
 
 Contenders (LoRA as the config sets it; the first step is timed apart):
   tunelab       the config as written (its prompt_loss_weight, its precision)
+  tunelab-compile  the same with train.compile=on (auto compiles runs of 200+ steps only)
   tunelab-plw0  the same with prompt_loss_weight 0: Hugging Face's objective, for loss parity
   tunelab-fp32  the same as tunelab with model.precision=fp32 (what auto chose before bf16)
   tunelab-bf16  the same as tunelab with model.precision=bf16
@@ -18,7 +19,8 @@ Contenders (LoRA as the config sets it; the first step is timed apart):
   hf-bf16       the same with bf16=True (autocast)
   hf-bf16-compile  the same with torch_compile=True
 
-Printed: real (non-padding) tokens/s over the timed steps, median s/step, first-step seconds,
+Each contender compiles (if it does) with an empty inductor cache: its first step shows the cold
+cost. Printed: real (non-padding) tokens/s over the timed steps, median s/step, first-step seconds,
 peak RSS, the last loss, the ratio to ``hf``, and the achieved GFLOP/s against the peak of a
 large matrix product (fp32 and bf16) measured in the same run. Loss parity: tunelab-plw0 and hf
 on the same steps (the first step is before any update, so it must agree to rounding).
@@ -39,8 +41,16 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ("tunelab", "tunelab-plw0", "tunelab-fp32", "tunelab-bf16", "hf", "hf-bf16",
-              "hf-bf16-compile")
+CONTENDERS = (
+    "tunelab",
+    "tunelab-compile",
+    "tunelab-plw0",
+    "tunelab-fp32",
+    "tunelab-bf16",
+    "hf",
+    "hf-bf16",
+    "hf-bf16-compile",
+)
 
 
 # -- the parent ----------------------------------------------------------------------------------
@@ -112,7 +122,8 @@ def run_child(name: str, work: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--work", str(work),
            "--config", args.config, "--steps", str(args.steps)]  # fmt: skip
     print(f"running {name} ...", flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}  # cold
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{name} failed (exit {os.waitstatus_to_exitcode(status)}): run {' '.join(cmd)}")
@@ -197,6 +208,8 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
                  "train.keep=last"]  # fmt: skip
     if name == "tunelab-plw0":
         overrides.append("data.prompt_loss_weight=0")
+    if name == "tunelab-compile":
+        overrides.append("train.compile=on")
     if name in ("tunelab-fp32", "tunelab-bf16"):
         overrides.append(f"model.precision={name.removeprefix('tunelab-')}")
     run = finetune(load_config(ROOT / config, overrides), log=lambda *a, **k: None)

@@ -54,3 +54,49 @@ def test_lora_under_autocast_skips_peft_casts_and_changes_no_number(tmp_path, mo
     assert before == {True} and inside == {False}
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)  # restored
     assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_compiled_layers_train_as_the_eager_ones(tmp_path, model_dir, data_file):
+    """train.compile=on (each decoder layer compiled in place) gives the eager run's losses and
+    weights, and its checkpoints keep the parameter names."""
+    import torch
+
+    from tests.integration.runs import final_weights
+
+    runs = {}
+    for setting in ("off", "on"):
+        cfg = config(tmp_path / setting, model_dir, data_file, f"train.compile={setting}",
+                     "train.max_steps=3", "model.precision=fp32")  # fmt: skip
+        runs[setting] = finetune(cfg, log=quiet)
+    eager, compiled = ([r["loss"] for r in losses(runs[s])] for s in ("off", "on"))
+    assert compiled == __import__("pytest").approx(eager, rel=1e-4)
+    a, b = final_weights(runs["off"]), final_weights(runs["on"])
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+    assert json.loads((runs["on"] / "result.json").read_text())["compiled"] is True
+
+
+def test_compile_auto_pays_only_on_long_runs():
+    import shutil
+
+    from tunelab.train.plan import COMPILE_MIN_STEPS, choose_compile
+
+    assert choose_compile("auto", COMPILE_MIN_STEPS - 1)[0] is False
+    assert choose_compile("off", 10_000) == (False, "")
+    if shutil.which("c++") or shutil.which("g++"):
+        assert choose_compile("auto", COMPILE_MIN_STEPS)[0] is True
+        assert choose_compile("on", 1)[0] is True
+
+
+def test_compile_layers_compiles_every_decoder_layer_in_place(tmp_path, model_dir, data_file):
+    from tunelab.train.plan import build_plan
+    from tunelab.train.recipe import compile_layers, load
+
+    plan = build_plan(config(tmp_path, model_dir, data_file))
+    model = plan.method.apply(load(plan))
+    names = [n for n, _ in model.named_parameters()]
+    compile_layers(model)
+    layers = model.get_base_model().get_decoder().layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert [n for n, _ in model.named_parameters()] == names

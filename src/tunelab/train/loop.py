@@ -117,7 +117,7 @@ def optimizer_step(run: Run) -> dict:
     return {
         "step": step + 1, "order": zlib.crc32(repr(micro).encode()),
         "epoch": round(epoch + (step % per_epoch + 1) / per_epoch, 4), "loss": loss, "lr": lr,
-        "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
+        "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None, "seconds": round(dt, 3),
         **plan.objective.pop_stats(), **({} if ok else {"nan_skipped": True}),
     }  # fmt: skip
 

@@ -43,6 +43,8 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
         atomic_write_text(plan.run_dir / "config.yaml", dump_config(plan.cfg))
     torch.manual_seed(plan.cfg.train.seed)  # adapters initialise the same way, however loaded
     model = plan.method.apply(model)
+    if plan.compile[0]:
+        compile_layers(model, log)
     setup_reference(plan, model, log)  # the model before training (before a resume restores)
     t = plan.cfg.train
     optimizer = build_optimizer(
@@ -86,6 +88,19 @@ def load(plan: RunPlan) -> torch.nn.Module:
     return model
 
 
+def compile_layers(model: torch.nn.Module, log=print) -> None:
+    """torch.compile each decoder layer in place (regional compilation: the layers share their
+    code, so one compilation — with dynamic shapes — serves all of them; parameter names and
+    checkpoints are unchanged)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(lm.get_decoder(), "layers", None) if hasattr(lm, "get_decoder") else None
+    if not isinstance(layers, torch.nn.ModuleList):
+        log("train.compile: this model's decoder layers were not found; running uncompiled")
+        return
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def restore(run: Run, log=print) -> None:
     """Continue from the plan's checkpoint: weights, optimizer, RNG and loop state."""
     checkpoint = run.plan.resume_from
@@ -108,7 +123,9 @@ def announce(run: Run, log=print) -> None:
         log(f"reference model: {describe_reference(plan)}")
     log(
         f"run folder: {plan.run_dir}\n"
-        f"model {plan.cfg.model.name} on {plan.placement.describe()}, {plan.attention} attention, "
+        f"model {plan.cfg.model.name} on {plan.placement.describe()}, {plan.attention} attention"
+        + (f", {plan.compile[1]}" if plan.compile[1] else "")
+        + ", "
         f"method {plan.method.describe()}: "
         f"{trainable:,} of {total:,} parameters trained\n"
         f"data: {len(plan.train)} train / {len(plan.val)} val examples"
@@ -178,7 +195,7 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "name": plan.run_dir.name, "model": cfg.model.name, "method": cfg.method.model_dump(mode="json"),
         "objective": plan.objective.name,
         "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
-        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision, "attention": plan.attention,
+        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision, "attention": plan.attention, "compiled": plan.compile[0],
         "train_flops_per_token": plan.flops_per_token(),
         "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
         "truncated": plan.truncated, "truncation": plan.truncation() or None,
