@@ -11,7 +11,8 @@ tunelab's own run logs a checksum of each step's examples, compared here ("batch
 Contenders (LoRA as the config sets it; the first step is timed apart):
   tunelab       the config as written (its prompt_loss_weight, its precision)
   tunelab-compile  the same with train.compile=on (auto compiles runs of 200+ steps only)
-  tunelab-plw0  the same with prompt_loss_weight 0: Hugging Face's objective, for loss parity
+  tunelab-plw0  prompt_loss_weight 0 in fp32: Hugging Face's objective and precision, for loss
+                parity with ``hf``
   tunelab-fp32  the same as tunelab with model.precision=fp32 (what auto chose before bf16)
   tunelab-bf16  the same as tunelab with model.precision=bf16
   hf            Trainer + PEFT as users write it: fp32, DataCollatorForSeq2Seq (pad to the
@@ -153,11 +154,12 @@ def report(results: dict, steps: list[dict], peaks: dict, args) -> None:
         if "orders" in r:
             same = r["orders"] == [s["order"] for s in steps]
             print(f"batches of {name}: {'identical to the plan' if same else 'DIFFERENT'}")
-    if base and "tunelab-plw0" in results:
-        ours = results["tunelab-plw0"]["losses"]
-        rel = [abs(a - b) / b for a, b in zip(ours, base["losses"], strict=True)]
-        print(f"loss parity tunelab-plw0 vs hf: first step |Δ|/loss {rel[0]:.1e}, "
-              f"mean over {len(rel)} steps {statistics.mean(rel):.2%}")  # fmt: skip
+    for ours, theirs in (("tunelab-plw0", "hf"), ("tunelab", "tunelab-fp32")):
+        if ours in results and theirs in results:
+            a, b = results[ours]["losses"], results[theirs]["losses"]
+            rel = [abs(x - y) / y for x, y in zip(a, b, strict=True)]
+            print(f"loss parity {ours} vs {theirs}: first step |Δ|/loss {rel[0]:.1e}, "
+                  f"mean over {len(rel)} steps {statistics.mean(rel):.2%}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "peaks": peaks}, indent=1))
 
@@ -207,7 +209,7 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
                  "train.eval_at_start=false", f"train.eval_steps={steps + 1}", "eval.at_end=false",
                  "train.keep=last"]  # fmt: skip
     if name == "tunelab-plw0":
-        overrides.append("data.prompt_loss_weight=0")
+        overrides += ["data.prompt_loss_weight=0", "model.precision=fp32"]
     if name == "tunelab-compile":
         overrides.append("train.compile=on")
     if name in ("tunelab-fp32", "tunelab-bf16"):
@@ -247,8 +249,8 @@ def run_hf(name: str, work: Path, config: str) -> dict:
              "labels": [t if w >= 1 else -100 for t, w in zip(e["ids"], e["weights"], strict=True)]}
             for step in steps for mb in step["micro"] for e in mb]  # fmt: skip
     path = resolve_model(cfg.model.name)
-    torch.manual_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.manual_seed(cfg.train.seed)  # as tunelab seeds: the same initial adapter
     m = cfg.method
     model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha or 2 * m.r, lora_dropout=m.dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip

@@ -124,26 +124,27 @@ def _fused_head(hidden, weight, targets, w, softcap, chunk, dtype, need_hidden, 
         else weight.new_empty(0)  # fmt: skip
     for i in range(0, n, chunk):
         h = hidden[i : i + chunk].to(dtype)
-        logits = (h @ weight.t()).float()
+        logits = h @ weight.t()
         if softcap:
-            capped = torch.tanh(logits / softcap)
+            capped = torch.tanh(logits.float() / softcap)
             logits = capped * softcap
-        lse = torch.logsumexp(logits, dim=-1)
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         t, wi = targets[i : i + chunk], w[i : i + chunk]
         rows = torch.arange(t.shape[0], device=t.device)
-        total += ((lse - logits[rows, t]) * wi).sum()
+        total -= (logp[rows, t] * wi).sum()
         if not (need_hidden or need_weight):
             continue
-        g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+        g = logp.exp_()  # the softmax, in place
         g[rows, t] -= 1
-        g.mul_(wi[:, None])
         if softcap:
             g.mul_(1 - capped * capped)
-        g = g.to(dtype)
-        if need_hidden:
-            grad_h[i : i + chunk] = g @ weight
-        if need_weight:
+        if need_weight:  # rows weighted before both products
+            g = g.mul_(wi[:, None]).to(dtype)
             grad_w += (g.t() @ h).float()
+        else:  # weighted after: a [rows, hidden] product rather than [rows, vocab]
+            g = g.to(dtype)
+        if need_hidden:
+            grad_h[i : i + chunk] = g @ weight if need_weight else (g @ weight) * wi[:, None]
     return total, grad_h, grad_w
 
 
