@@ -42,6 +42,10 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: No warmup for any contender: tunelab's first update is not at lr 0 and Hugging Face's is, so
+#: with warmup the curves differ by a step; without it both follow the same cosine (no change
+#: to the speed)
+SAME_SCHEDULE = ("train.warmup_ratio=0",)
 CONTENDERS = (
     "tunelab",
     "tunelab-compile",
@@ -88,7 +92,7 @@ def prepare(config: str, steps: int, work: Path) -> list[dict]:
     from tunelab.models.load import resolve_model
     from tunelab.train.plan import build_plan
 
-    cfg = load_config(ROOT / config, [f"train.output_dir={work / 'plan'}"])
+    cfg = load_config(ROOT / config, [f"train.output_dir={work / 'plan'}", *SAME_SCHEDULE])
     resolve_model(cfg.model.name)  # pulled and converted once, untimed
     plan = build_plan(cfg, read_weights=False)
     out = []
@@ -158,8 +162,10 @@ def report(results: dict, steps: list[dict], peaks: dict, args) -> None:
         if ours in results and theirs in results:
             a, b = results[ours]["losses"], results[theirs]["losses"]
             rel = [abs(x - y) / y for x, y in zip(a, b, strict=True)]
-            print(f"loss parity {ours} vs {theirs}: first step |Δ|/loss {rel[0]:.1e}, "
-                  f"mean over {len(rel)} steps {statistics.mean(rel):.2%}")  # fmt: skip
+            mean_a, mean_b = statistics.mean(a), statistics.mean(b)
+            print(f"loss parity {ours} vs {theirs}: first step |Δ|/loss {rel[0]:.1e}; mean loss "
+                  f"over {len(rel)} steps {mean_a:.4f} vs {mean_b:.4f} ({mean_a / mean_b - 1:+.2%}); "
+                  f"mean per-step |Δ|/loss {statistics.mean(rel):.2%}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "peaks": peaks}, indent=1))
 
@@ -205,7 +211,7 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
     from tunelab.config.load import load_config
     from tunelab.workflow.finetune import finetune
 
-    overrides = [f"train.output_dir={work / name}", "name=run", f"train.max_steps={steps + 1}",
+    overrides = [*SAME_SCHEDULE, f"train.output_dir={work / name}", "name=run", f"train.max_steps={steps + 1}",
                  "train.eval_at_start=false", f"train.eval_steps={steps + 1}", "eval.at_end=false",
                  "train.keep=last"]  # fmt: skip
     if name == "tunelab-plw0":
@@ -243,7 +249,7 @@ def run_hf(name: str, work: Path, config: str) -> dict:
     from tunelab.models.load import resolve_model
     from tunelab.train.optim import warmup_steps
 
-    cfg = load_config(ROOT / config, [f"train.output_dir={work / name}"])
+    cfg = load_config(ROOT / config, [f"train.output_dir={work / name}", *SAME_SCHEDULE])
     steps = json.loads((work / "steps.json").read_text())
     rows = [{"input_ids": e["ids"], "attention_mask": [1] * len(e["ids"]),
              "labels": [t if w >= 1 else -100 for t, w in zip(e["ids"], e["weights"], strict=True)]}
