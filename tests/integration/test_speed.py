@@ -100,3 +100,26 @@ def test_compile_layers_compiles_every_decoder_layer_in_place(tmp_path, model_di
     layers = model.get_base_model().get_decoder().layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert [n for n, _ in model.named_parameters()] == names
+
+
+def test_forgetting_check_compares_like_with_like_when_training_picks_bf16(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    """auto may train in bf16 on a CPU while evaluation stays fp32: the "before" of the
+    forgetting check is then the base loaded as evaluation loads it, not the bf16 model in
+    memory."""
+    import tunelab.workflow.finetune as workflow
+    from tunelab.models import device
+
+    loaded = []
+    real = workflow.load_target
+    monkeypatch.setattr(workflow, "load_target", lambda *a: loaded.append(a[0]) or real(*a))
+    for picks in ("fp32", "bf16"):
+        monkeypatch.setattr(device, "cpu_training_precision", lambda hidden, p=picks: (p, "test"))
+        loaded.clear()
+        cfg = config(tmp_path / picks, model_dir, data_file, "train.max_steps=1", "eval.at_end=true",
+                     f"eval.general_data={data_file}", "eval.max_new_tokens=4")  # fmt: skip
+        run = finetune(cfg, log=quiet)
+        assert json.loads((run / "result.json").read_text())["precision"] == picks
+        before = [name for name in loaded if name == str(model_dir)]
+        assert len(before) == (1 if picks == "bf16" else 0)  # the base reloaded only for bf16

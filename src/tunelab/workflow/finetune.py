@@ -25,6 +25,7 @@ from tunelab.evaluate.run import (
     load_target,
     metric_failure_lines,
 )
+from tunelab.models.device import choose_placement
 from tunelab.train.plan import RunPlan, build_plan
 from tunelab.train.recipe import finish, prepare, train
 
@@ -43,8 +44,7 @@ def finetune(cfg: Config, *, resume: Path | None = None, progress=None, log=prin
     general = cfg.eval.at_end and cfg.eval.general_data is not None
     before = None
     if general and plan.fresh:  # the untrained model is the model before any step
-        target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
-        before = _general(cfg, target, plan.run_dir, "general-before")
+        before = _general(cfg, _untrained(cfg, plan, run.model), plan.run_dir, "general-before")
         log(f"general ability before training: {headline(before)}")
     run_dir = finish(run, train(run, log))
     if cfg.eval.at_end and (cfg.eval.data or general):
@@ -97,6 +97,16 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) 
         f.write("\n## Evaluation at the end\n\n" + "".join(f"- {line}\n" for line in lines))
     if cfg.eval.data and not pairs:  # a metric that never ran is an error, once all is written
         check_metric_ran(meta, run_dir / "eval" / "finetuned")
+
+
+def _untrained(cfg: Config, plan: RunPlan, model) -> Target:
+    """The model before training, placed as the evaluation after training places the trained
+    one: the model in memory — unless training chose another precision than evaluation does
+    (bf16 for training on a CPU), then the base loaded as evaluation loads it, so the
+    forgetting check compares like with like."""
+    if choose_placement(cfg.model).precision == plan.placement.precision:
+        return Target(model, plan.tokenizer, f"{cfg.model.name} (before)")
+    return load_target(cfg.model.name, cfg.model)
 
 
 def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
