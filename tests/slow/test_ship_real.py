@@ -23,9 +23,12 @@ OPTIONS = GenerationOptions(max_new_tokens=64, batch_size=20)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ship-real")
+    # fp32 training: a 12-step adapter leaves many near-tie answers, and the test is about the
+    # export's fidelity. (Trained in bf16 on a 2-core Xeon with AMX, q8_0 agreed on 17 of 20,
+    # f16 still on 19+; 2026-11-30.)
     cfg = load_config(EXAMPLES / "train.yaml", [
         f"train.output_dir={root}", "name=real", "train.max_steps=12", "train.eval_steps=12",
-        "eval.at_end=false", "train.eval_at_start=false",
+        "eval.at_end=false", "train.eval_at_start=false", "model.precision=fp32",
     ])  # fmt: skip
     return finetune(cfg, log=lambda *a: None)
 
