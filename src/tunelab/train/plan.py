@@ -205,7 +205,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
-        attention=training_attention(placement.device.type, max(len(x.seq) for x in train + val)),
+        attention=training_attention(placement.device.type, max(sequence_stats(train + val)[0])),
         compile=choose_compile(t.compile, total),
     )  # fmt: skip
 
