@@ -201,3 +201,46 @@ def test_targets_without_loss_weight_are_left_out_of_the_head(tmp_path, model_di
     assert weighted.data.weighted_share == 1.0
     assert 0 < answers.data.weighted_share < 0.7
     assert answers.flops_per_token < weighted.flops_per_token
+
+
+def test_the_data_shape_is_cached_and_follows_what_it_was_computed_from(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    """A second plan of the same data neither loads the tokenizer nor tokenizes: the shape comes
+    from $TUNELAB_HOME/plan-cache. A change to any input — the data file's bytes, a data
+    setting, the micro-batch size, a tokenizer file — computes it anew, and so does a damaged
+    entry."""
+    import shutil
+
+    import tunelab.workflow.quote as quote_module
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    model, data = tmp_path / "model", tmp_path / "train.jsonl"
+    shutil.copytree(model_dir, model)
+    shutil.copy(data_file, data)
+    loads, real = [], quote_module.load_tokenizer
+    monkeypatch.setattr(quote_module, "load_tokenizer", lambda s: loads.append(s) or real(s))
+
+    def shape(*extra):
+        return make_quote(
+            load_config(None, _args(tmp_path, model, data, *extra)), history=tmp_path
+        ).data
+
+    first = shape()
+    assert (first.examples, loads) == (14, [model])  # 16 rows, val_ratio 0.1 keeps 14
+    assert len(list((tmp_path / "home" / "plan-cache").iterdir())) == 1
+    assert shape() == first and len(loads) == 1  # from the cache: no tokenizer
+    limit = first.max_len - 4
+    short = shape(f"data.max_seq_len={limit}", "data.truncation=truncate_prompt")
+    assert len(loads) == 2 and short.max_len == limit
+    assert shape("train.micro_batch_size=2").worst_batch[0] == 2 and len(loads) == 3
+    with data.open("a") as f:
+        f.write("\n" + "\n".join(data_file.read_text().splitlines()[:4]))
+    assert shape().examples > first.examples and len(loads) == 4
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    again = shape()
+    assert len(loads) == 5
+    for entry in (tmp_path / "home" / "plan-cache").iterdir():
+        entry.write_text('{"examples": 1')  # damaged
+    assert shape() == again and len(loads) == 6

@@ -10,6 +10,9 @@ device in the run history (``train.output_dir``), or by a stated assumption
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -20,8 +23,10 @@ from pathlib import Path
 from tunelab.config.schema import Config
 from tunelab.data.pipeline import load_examples
 from tunelab.errors import ConfigError, ModelError
+from tunelab.files import atomic_write_json, file_sha256
+from tunelab.models import catalog
 from tunelab.models.device import cpu_training_precision, device_name, training_attention
-from tunelab.models.load import load_model_config, resolve_model
+from tunelab.models.load import WEIGHT_SUFFIXES, load_model_config, resolve_model
 from tunelab.models.memory import GIB, Activity, Memory, estimate_memory, rule_of_thumb
 from tunelab.models.methods import get_method
 from tunelab.models.shape import ModelShape, model_shape
@@ -107,7 +112,7 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     get_method(cfg.method).check_shape(shape)
     examples = load_examples(cfg.data.path, cfg.data)
     objective.check_data(examples)
-    data = _data_shape(cfg, examples)
+    data = _cached_data_shape(cfg, examples)
     t = cfg.train
     steps = StepPlan([1] * data.examples, micro_batch_size=t.micro_batch_size,
                      grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
@@ -167,6 +172,60 @@ def activity(
         gradient_checkpointing=cfg.model.gradient_checkpointing, reference_copy=reference,
         eager_attention=training_attention(device, data.max_len) == "eager",
     )  # fmt: skip
+
+
+def _cached_data_shape(cfg: Config, examples) -> DataShape:
+    """:func:`_data_shape`, kept in ``$TUNELAB_HOME/plan-cache/`` under a key of everything it
+    reads — the data file's and the tokenizer folder's bytes, the data settings, the micro-batch
+    size and seed, tunelab's code and the tokenizer libraries' versions — so a second ``tunelab
+    plan`` of the same data (the usual loop: plan, change a setting, plan again) neither imports
+    transformers nor tokenizes: ~1 s of its ~3. A damaged entry is recomputed."""
+    key = _shape_key(cfg)
+    path = catalog.home() / "plan-cache" / f"{key}.json" if key else None
+    if path is not None and path.is_file():
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+            return DataShape(**{**fields, "worst_batch": tuple(fields["worst_batch"])})
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+    data = _data_shape(cfg, examples)
+    if path is not None and data.estimated is None:
+        with contextlib.suppress(OSError):  # a read-only home: no cache, same answer
+            atomic_write_json(path, asdict(data))
+    return data
+
+
+def _shape_key(cfg: Config) -> str | None:
+    """None when the tokenizer is not a local folder (a hub id, a .gguf file): not cached."""
+    tok = cfg.model.tokenizer
+    local = tok is not None and tok not in catalog.CATALOG
+    source = Path(tok).expanduser() if local else resolve_model(tok or cfg.model.name)
+    if not (isinstance(source, Path) and source.is_dir()):
+        return None
+    package = Path(__file__).parents[1]
+    parts = {
+        "data": cfg.data.model_dump(mode="json"),
+        "train": [cfg.train.micro_batch_size, cfg.train.seed, cfg.train.objective],
+        "data_file": file_sha256(cfg.data.path),
+        "tokenizer": {
+            f.name: file_sha256(f)
+            for f in sorted(source.iterdir())
+            if f.is_file() and f.suffix not in (*WEIGHT_SUFFIXES, ".gguf")
+        },  # fmt: skip
+        "code": [
+            (str(f.relative_to(package)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(package.rglob("*.py"))
+        ],  # fmt: skip
+        "libraries": [_version(name) for name in ("transformers", "tokenizers")],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _data_shape(cfg: Config, examples) -> DataShape:
