@@ -1,7 +1,8 @@
 """Training speed on this machine: tunelab against Hugging Face Trainer + PEFT, side by side.
 
     python bench/train_speed.py [--steps 20] [--config examples/extract/train.yaml]
-                                [--contenders tunelab,tunelab-plw0,hf,hf-bf16] [--json FILE]
+                                [--data alpaca] [--contenders tunelab,tunelab-plw0,hf,hf-bf16]
+                                [--json FILE]
 
 Every contender runs in its own process, one after another, on the *same optimizer steps*: the
 parent builds tunelab's step plan from the config (data read, tokenised with its loss weights,
@@ -19,6 +20,14 @@ Contenders (LoRA as the config sets it; the first step is timed apart):
                 longest of the batch), prompt labels -100
   hf-bf16       the same with bf16=True (autocast)
   hf-bf16-compile  the same with torch_compile=True
+  hf-shuffled   hf on the same examples in a random order (HF's default sampler), so each of its
+                micro-batches mixes lengths as a user's run does; not the same optimizer steps,
+                so no loss parity, but the same real tokens in all
+
+``--data alpaca`` replaces the config's data with synthetic Alpaca-like records (seeded): an
+instruction of ~12 words, an input for 40 % of them, an answer of ~45 words with a long tail
+(lognormal), so sequences run from ~30 to ~500 tokens as in Alpaca. There, padding is most of a
+shuffled batch: ``hf-shuffled`` is the padded baseline users get.
 
 Each contender compiles (if it does) with an empty inductor cache: its first step shows the cold
 cost. Printed: real (non-padding) tokens/s over the timed steps, median s/step, first-step seconds,
@@ -55,6 +64,7 @@ CONTENDERS = (
     "hf",
     "hf-bf16",
     "hf-bf16-compile",
+    "hf-shuffled",
 )
 
 
@@ -67,6 +77,8 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=20, help="timed steps (after the first)")
     ap.add_argument("--config", default="examples/extract/train.yaml")
+    ap.add_argument("--data", choices=["config", "alpaca"], default="config",
+                    help="the config's data, or synthetic Alpaca-like lengths")  # fmt: skip
     ap.add_argument("--contenders", default="tunelab,tunelab-plw0,hf,hf-bf16")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -80,6 +92,8 @@ def main() -> None:
         sys.exit(f"--contenders: unknown {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
+        if args.data == "alpaca":
+            args.config = str(alpaca_config(ROOT / args.config, work))
         steps = prepare(args.config, args.steps + 1, work)
         peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
         results = {name: run_child(name, work, args) for name in names}
@@ -105,6 +119,37 @@ def prepare(config: str, steps: int, work: Path) -> list[dict]:
                       for mb in micro],
         })  # fmt: skip
     (work / "steps.json").write_text(json.dumps(out))
+    return out
+
+
+WORDS = (
+    "the order customer box number city price send today please list item change "
+    "make write explain short answer why when where which first second data model "
+    "example plan river light music garden window story people water table system"
+).split()
+
+
+def alpaca_config(config: Path, work: Path, n: int = 600, seed: int = 0) -> Path:
+    """``config`` with its data replaced by ``n`` synthetic Alpaca-like records (module doc)."""
+    import random
+
+    import yaml
+
+    rng = random.Random(seed)
+
+    def words(median: float, sigma: float, cap: int) -> str:
+        count = max(1, min(cap, round(rng.lognormvariate(0, sigma) * median)))
+        return " ".join(rng.choice(WORDS) for _ in range(count))
+
+    rows = [{"instruction": words(12, 0.5, 60), "input": words(15, 0.8, 80) if rng.random() < 0.4 else "",
+             "output": words(45, 0.9, 300)} for _ in range(n)]  # fmt: skip
+    data = work / "alpaca.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"] = {**cfg["data"], "path": str(data), "val_path": None, "val_ratio": 0.0}
+    cfg.pop("eval", None)
+    out = work / "alpaca.yaml"
+    out.write_text(yaml.safe_dump(cfg))
     return out
 
 
@@ -254,6 +299,10 @@ def run_hf(name: str, work: Path, config: str) -> dict:
     rows = [{"input_ids": e["ids"], "attention_mask": [1] * len(e["ids"]),
              "labels": [t if w >= 1 else -100 for t, w in zip(e["ids"], e["weights"], strict=True)]}
             for step in steps for mb in step["micro"] for e in mb]  # fmt: skip
+    if name == "hf-shuffled":  # HF's RandomSampler over the same examples, seeded
+        import random
+
+        random.Random(cfg.train.seed).shuffle(rows)
     path = resolve_model(cfg.model.name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(cfg.train.seed)  # as tunelab seeds: the same initial adapter
@@ -279,7 +328,9 @@ def run_hf(name: str, work: Path, config: str) -> dict:
                       data_collator=DataCollatorForSeq2Seq(AutoTokenizer.from_pretrained(path),
                                                            padding=True))  # fmt: skip
     trainer.train()
-    tokens = [sum(len(e["ids"]) for mb in s["micro"] for e in mb) for s in steps]
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    tokens = [sum(len(r["input_ids"]) for r in rows[k : k + per_step])
+              for k in range(0, len(rows), per_step)]  # fmt: skip
     return {"tokens": tokens, "seconds": clock.seconds, "losses": clock.losses,
             "precision": "bf16" if "bf16" in name else "fp32"}  # fmt: skip
 

@@ -80,7 +80,7 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path, model_dir, data_file)
 def test_compile_auto_pays_only_on_long_runs():
     import shutil
 
-    from tunelab.train.plan import COMPILE_MIN_STEPS, choose_compile
+    from tunelab.train.speed import COMPILE_MIN_STEPS, choose_compile
 
     assert choose_compile("auto", COMPILE_MIN_STEPS - 1)[0] is False
     assert choose_compile("off", 10_000) == (False, "")
@@ -123,3 +123,25 @@ def test_forgetting_check_compares_like_with_like_when_training_picks_bf16(
         assert json.loads((run / "result.json").read_text())["precision"] == picks
         before = [name for name in loaded if name == str(model_dir)]
         assert len(before) == (1 if picks == "bf16" else 0)  # the base reloaded only for bf16
+
+
+def test_packed_training_follows_the_padded_run(tmp_path, model_dir, data_file):
+    """train.packing=on (each micro-batch one row) trains the same run as padded batches: the
+    same losses step by step to rounding, and result.json says it packed."""
+    runs = {}
+    for packing in ("off", "on"):
+        cfg = config(tmp_path / packing, model_dir, data_file, f"train.packing={packing}",
+                     "model.precision=fp32")  # fmt: skip
+        runs[packing] = finetune(cfg, log=quiet)
+    padded, packed = ([r["loss"] for r in losses(runs[p])] for p in ("off", "on"))
+    assert len(packed) == 6 and packed[-1] != packed[0]
+    for a, b in zip(padded, packed, strict=True):
+        assert abs(a - b) <= 1e-4 * a, (padded, packed)
+    result = json.loads((runs["on"] / "result.json").read_text())
+    assert result["packed"] is True
+    from tunelab.train.plan import build_plan
+
+    plan = build_plan(config(tmp_path / "plan", model_dir, data_file, "train.packing=on"))
+    batch = plan.objective.collate(plan.train[:2], 0)
+    assert batch.packed and batch.input_ids.shape[0] == 1
+    assert json.loads((runs["off"] / "result.json").read_text())["packed"] is False

@@ -162,6 +162,13 @@ class TrainConfig(Section):
         "(about a minute on a 2-core CPU, seconds with a warm cache): auto compiles runs of at "
         "least 200 optimizer steps, where it pays.",
     )
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Put each micro-batch's sequences in one row without padding, each attending "
+        "only to itself (SFT only). The row's attention then spans all its tokens, so auto "
+        "packs only where the padding it removes costs more than that, by the model's FLOPs "
+        "(docs/speed.md).",
+    )
     doctor: Literal["warn", "stop", "off"] = Field(
         "warn",
         description="At each evaluation, look at the loss curve so far (docs/training.md, "
@@ -169,7 +176,7 @@ class TrainConfig(Section):
         "run overfits; stop also stops the run there (the last checkpoint intact).",
     )
 
-    @field_validator("doctor", "compile", mode="before")
+    @field_validator("doctor", "compile", "packing", mode="before")
     @classmethod
     def _off_on(cls, value: object) -> object:  # YAML reads a bare `off` / `on` as false / true
         return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value

@@ -3,8 +3,14 @@
 ``loss_weights[b, t]`` is the weight of token ``t`` *as a prediction target* (the loss shifts:
 logits at ``t - 1`` predict token ``t``). Padding has weight 0 and attention mask 0, whatever
 its id (the pad id may equal EOS: the EOS that ends a reply keeps its weight of 1).
-``position_ids`` restart at 0 for every sequence, which is also the shape a packed batch
-(several documents in one row) will use.
+``position_ids`` restart at 0 for every sequence.
+
+:func:`pack` puts a micro-batch's sequences one after another in a single row, without padding:
+``position_ids`` restart at 0 at each sequence, and the batch carries no attention mask
+(``packed``), which is how transformers recognises packed rows — each token then attends only
+to earlier tokens of its own sequence (the block-diagonal causal mask transformers builds from
+the position ids, or a varlen kernel). The first token of each sequence gets weight 0 as a
+target: nothing before it in the row may predict it.
 """
 
 from __future__ import annotations
@@ -24,14 +30,21 @@ class Batch:
     attention_mask: torch.Tensor  # int64 [B, T]
     loss_weights: torch.Tensor  # float32 [B, T]
     position_ids: torch.Tensor  # int64 [B, T]
+    packed: bool = False  # one row of several sequences: run the model without attention_mask
 
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens."""
         return int(self.attention_mask.sum())
 
+    @property
+    def model_mask(self) -> torch.Tensor | None:
+        """The attention mask to give the model: none for a packed row (see the module)."""
+        return None if self.packed else self.attention_mask
+
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+        tensors = (self.input_ids, self.attention_mask, self.loss_weights, self.position_ids)
+        return Batch(*(t.to(device, non_blocking=True) for t in tensors), packed=self.packed)
 
 
 def collate(
@@ -65,4 +78,21 @@ def collate(
         torch.from_numpy(mask),
         torch.from_numpy(weights),
         torch.from_numpy(positions),
+    )
+
+
+def pack(seqs: Sequence[Encoded]) -> Batch:
+    """``seqs`` in one row [1, sum of lengths], each attending only to itself (module doc)."""
+    if not seqs:
+        raise ValueError("cannot pack an empty batch")
+    ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in seqs])
+    weights = np.concatenate([np.asarray(s.weights, dtype=np.float32) for s in seqs])
+    positions = np.concatenate([np.arange(len(s), dtype=np.int64) for s in seqs])
+    weights[positions == 0] = 0.0  # a sequence's first token is nobody's target
+    return Batch(
+        torch.from_numpy(ids)[None],
+        torch.ones(1, len(ids), dtype=torch.int64),
+        torch.from_numpy(weights)[None],
+        torch.from_numpy(positions)[None],
+        packed=True,
     )

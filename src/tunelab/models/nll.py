@@ -163,13 +163,14 @@ def fused_head_nll_sum(hidden, head, softcap, targets, weights, chunk: int) -> t
 def causal_lm_nll_sum(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     weights: torch.Tensor,
     chunk: int = HEAD_CHUNK,
 ) -> torch.Tensor:
     """The summed weighted NLL of a batch; logits only for targets with a weight, ``chunk``
-    rows at a time (the plain forward when the model cannot be split into decoder and head)."""
+    rows at a time (the plain forward when the model cannot be split into decoder and head).
+    ``attention_mask`` None: packed rows, separated by ``position_ids`` restarting at 0."""
     inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -36,11 +36,12 @@ from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
+from tunelab.train.speed import choose_compile, choose_packing
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "keep", "early_stopping_patience",
                      "eval_at_start", "output_dir", "eval_batch_size", "max_nan_skips", "doctor",
-                     "compile"}  # fmt: skip
+                     "compile", "packing"}  # fmt: skip
 #: Data settings of other commands (data split, data check): they never change a training run.
 NOT_TRAINING_DATA = {"path", "val_path", "split_ratios", "diversity_threshold"}
 
@@ -74,6 +75,7 @@ class RunPlan:
     objective_notes: list[str] = field(default_factory=list)  # what the objective decided
     attention: str = "sdpa"  # the attention implementation trained with (models/device.py)
     compile: tuple[bool, str] = (False, "")  # compile the decoder layers?, why (train.compile)
+    packing: tuple[bool, str] = (False, "")  # one row per micro-batch?, why (train.packing)
 
     @property
     def fresh(self) -> bool:
@@ -143,7 +145,8 @@ class RunPlan:
                        f"{lengths[-1]}, limit {c.data.max_seq_len}), "
                        f"{sum(len(x.seq) for x in self.val):,} validation"),
             ("batching", f"{t.micro_batch_size} x {t.grad_accum} accumulation = "
-                         f"{t.micro_batch_size * t.grad_accum} {_unit(self)} per step"),
+                         f"{t.micro_batch_size * t.grad_accum} {_unit(self)} per step"
+                         + (f"; {self.packing[1]}" if self.packing[1] else "")),
             ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
@@ -197,6 +200,11 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
                      grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
     total = steps.total_steps(t.epochs, t.max_steps)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
+    packing = choose_packing(t.packing, objective, steps, model_config, method.trains_base)
+    if objective.can_pack:
+        objective.pack = packing[0]
+    lengths = sequence_stats(train + val)[0]
+    longest = sum(sorted(lengths)[-t.micro_batch_size :]) if packing[0] else max(lengths)
     return RunPlan(
         cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement,
         model_config=model_config, method=method,
@@ -205,39 +213,9 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
-        attention=training_attention(placement.device.type, max(sequence_stats(train + val)[0])),
-        compile=choose_compile(t.compile, total),
+        attention=training_attention(placement.device.type, longest),
+        compile=choose_compile(t.compile, total), packing=packing,
     )  # fmt: skip
-
-
-#: train.compile auto: runs this long pay for the first step's compilation (2-core CPU, the
-#: default model: ~60 s cold, ~10 s with a warm cache, against ~0.8 s saved a step)
-COMPILE_MIN_STEPS = 200
-
-
-def choose_compile(setting: str, total_steps: int) -> tuple[bool, str]:
-    """(compile the decoder layers?, why) for ``train.compile``; ``on`` without a C++ compiler
-    (torch's inductor needs one) is refused here, before anything loads."""
-    import shutil
-
-    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if setting == "off":
-        return False, ""
-    if compiler is None:
-        if setting == "on":
-            raise ConfigError(
-                "train.compile: 'on' needs a C++ compiler for torch.compile (install g++), or "
-                "set train.compile=off"
-            )
-        return False, "compile: auto: off (no C++ compiler for torch.compile)"
-    if setting == "on":
-        return True, "compile: on"
-    if total_steps < COMPILE_MIN_STEPS:
-        return (
-            False,
-            f"compile: auto: off ({total_steps} steps < {COMPILE_MIN_STEPS}: it would not pay)",
-        )
-    return True, f"compile: auto: on ({total_steps} steps)"
 
 
 def load_resume_config(run_dir: Path, overrides: list[str]) -> Config:

@@ -124,7 +124,7 @@ def announce(run: Run, log=print) -> None:
     log(
         f"run folder: {plan.run_dir}\n"
         f"model {plan.cfg.model.name} on {plan.placement.describe()}, {plan.attention} attention"
-        + (f", {plan.compile[1]}" if plan.compile[1] else "")
+        + "".join(f", {why}" for _, why in (plan.compile, plan.packing) if why)
         + ", "
         f"method {plan.method.describe()}: "
         f"{trainable:,} of {total:,} parameters trained\n"
@@ -195,7 +195,7 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "name": plan.run_dir.name, "model": cfg.model.name, "method": cfg.method.model_dump(mode="json"),
         "objective": plan.objective.name,
         "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
-        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision, "attention": plan.attention, "compiled": plan.compile[0],
+        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision, "attention": plan.attention, "compiled": plan.compile[0], "packed": plan.packing[0],
         "train_flops_per_token": plan.flops_per_token(),
         "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
         "truncated": plan.truncated, "truncation": plan.truncation() or None,

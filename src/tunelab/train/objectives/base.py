@@ -3,7 +3,9 @@
 An objective says three things about its data and batches:
 
 * ``check_data(examples)``: refuse records it cannot learn from (before any model loads);
-* ``collate(examples, pad_id)``: the batch it needs from tokenized examples;
+* ``collate(examples, pad_id)``: the batch it needs from tokenized examples; an objective
+  that ``can_pack`` (SFT) packs a micro-batch into one row when the plan sets its ``pack``
+  (``train.packing``);
 * ``weight(batch)``, its share of the optimizer step's normaliser, and
   ``loss_sum(model, batch)``, the weighted loss summed over it.
 
@@ -41,6 +43,7 @@ from tunelab.data.tokenize import TokenizedExample
 class Objective(Protocol):
     name: str
     uses_reference: bool
+    can_pack: bool
     reference: object  # (model, rows) -> log-probabilities, set by the recipe; None for SFT
 
     def check_data(self, examples: Sequence[Example]) -> None: ...

@@ -118,6 +118,7 @@ def refuse_formats(examples: Sequence[Example], accepted: str, objective: str, h
 
 
 class PreferenceObjective:
+    can_pack = False  # its sums are per sequence: rows stay padded
     """What every preference objective holds: its settings (``train.preference``), the
     reference function the recipe sets, and the statistics it logs."""
 

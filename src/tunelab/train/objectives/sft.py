@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tunelab.data.collate import Batch, collate
+from tunelab.data.collate import Batch, collate, pack
 from tunelab.data.records import Example
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import DataError, Problem
@@ -29,10 +29,12 @@ class SFT:
     name = "sft"
     uses_reference = False
     reports_perplexity = True  # its loss is an NLL per token
+    can_pack = True
 
     def __init__(self, chunk: int = HEAD_CHUNK):
         self.chunk = chunk
         self.reference = None
+        self.pack = False  # set by the plan (train.packing)
 
     def prepare(self, train, val, cfg) -> list[str]:
         return []
@@ -49,13 +51,14 @@ class SFT:
                 raise DataError(Problem(e.source.file, e.source.line, "format", REFUSED[e.format]))
 
     def collate(self, examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
-        return collate([t.seq for t in examples], pad_id)
+        seqs = [t.seq for t in examples]
+        return pack(seqs) if self.pack else collate(seqs, pad_id)
 
     def weight(self, batch: Batch) -> float:
         return float(target_weights(batch.loss_weights).sum())
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return causal_lm_nll_sum(
-            model, batch.input_ids, batch.attention_mask, batch.position_ids,
+            model, batch.input_ids, batch.model_mask, batch.position_ids,
             batch.loss_weights, self.chunk,
         )  # fmt: skip

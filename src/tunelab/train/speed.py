@@ -1,0 +1,86 @@
+"""The speed choices of a plan, each with its reason: whether to compile the decoder layers
+(``train.compile``) and whether to pack micro-batches into single rows (``train.packing``).
+The attention implementation and the precision are the device's (:mod:`tunelab.models.device`).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from tunelab.errors import ConfigError, ModelError
+from tunelab.models.shape import model_shape
+from tunelab.train.batches import StepPlan
+
+#: train.compile auto: runs this long pay for the first step's compilation (2-core CPU, the
+#: default model: ~60 s cold, ~10 s with a warm cache, against ~0.8 s saved a step)
+COMPILE_MIN_STEPS = 200
+
+
+def choose_compile(setting: str, total_steps: int) -> tuple[bool, str]:
+    """(compile the decoder layers?, why) for ``train.compile``; ``on`` without a C++ compiler
+    (torch's inductor needs one) is refused here, before anything loads."""
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if setting == "off":
+        return False, ""
+    if compiler is None:
+        if setting == "on":
+            raise ConfigError(
+                "train.compile: 'on' needs a C++ compiler for torch.compile (install g++), or "
+                "set train.compile=off"
+            )
+        return False, "compile: auto: off (no C++ compiler for torch.compile)"
+    if setting == "on":
+        return True, "compile: on"
+    if total_steps < COMPILE_MIN_STEPS:
+        return (
+            False,
+            f"compile: auto: off ({total_steps} steps < {COMPILE_MIN_STEPS}: it would not pay)",
+        )
+    return True, f"compile: auto: on ({total_steps} steps)"
+
+
+#: train.packing auto packs when the packed rows cost at most this share of the padded ones:
+#: the margin covers what the FLOP count leaves out (a longer row can move a CPU from eager
+#: attention to SDPA, ~20 % slower a step on the default model)
+PACK_MAX_COST = 0.8
+
+
+def choose_packing(setting: str, objective, steps: StepPlan, model_config: dict,
+                   trains_base: bool) -> tuple[bool, str]:  # fmt: skip
+    """(pack each micro-batch into one row?, why) for ``train.packing``."""
+    if setting == "off":
+        return False, ""
+    if not objective.can_pack:
+        if setting == "on":
+            raise ConfigError(f"train.packing: 'on' works with train.objective=sft only "
+                              f"({objective.name} sums each sequence apart); set it to auto or off")  # fmt: skip
+        return False, ""
+    if setting == "on":
+        return True, "packing: on"
+    padded, packed = packing_costs(steps, model_config, trains_base)
+    if padded is None:
+        return False, "packing: auto: off (this model family cannot be sized)"
+    verdict = "on" if packed <= PACK_MAX_COST * padded else "off"
+    return verdict == "on", (f"packing: auto: {verdict} (packed rows {packed / padded:.0%} of "
+                             f"the padded batches' FLOPs)")  # fmt: skip
+
+
+def packing_costs(steps: StepPlan, model_config: dict, trains_base: bool):
+    """(padded, packed) training FLOPs of the first epoch's micro-batches: padded, each row is
+    as long as the longest of its micro-batch; packed, one row of them all whose attention
+    spans the whole row. (None, None) for a model family that cannot be sized."""
+    try:
+        shape = model_shape(model_config)
+    except ModelError:
+        return None, None
+
+    def cost(tokens: int, span: int) -> float:
+        return tokens * shape.train_flops_per_token(trains_base=trains_base, adapter=0, s_eff=span)
+
+    padded = packed = 0.0
+    for step in steps.epoch(0):
+        for micro in step:
+            lengths = [steps.lengths[i] for i in micro]
+            padded += cost(len(lengths) * max(lengths), max(lengths))
+            packed += cost(sum(lengths), sum(lengths))
+    return padded, packed

@@ -1,0 +1,105 @@
+"""Packing (train.packing): a micro-batch's sequences in one row, each attending only to itself.
+
+The promise (RELIABILITY 8): each example's loss and gradient are those of unpacked training —
+the packed row is the padded batch's arithmetic, only laid out differently."""
+
+import numpy as np
+import pytest
+import torch
+
+from tunelab.data.collate import collate, pack
+from tunelab.data.tokenize import Encoded
+from tunelab.models.nll import causal_lm_nll_sum
+from tunelab.testing import tiny_model, tiny_tokenizer
+from tunelab.train.batches import StepPlan
+from tunelab.train.speed import choose_packing
+
+
+def _seq(rng, length, vocab, prompt=3):
+    ids = rng.integers(5, vocab, size=length)
+    weights = np.where(np.arange(length) < prompt, 0.1, 1.0).astype(np.float32)  # plw 0.1
+    return Encoded(ids.astype(np.int64), weights, np.arange(length) >= prompt)
+
+
+def _model(arch):
+    tok = tiny_tokenizer()
+    return tiny_model(tok, arch=arch), len(tok)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = causal_lm_nll_sum(model, batch.input_ids, batch.model_mask, batch.position_ids,
+                             batch.loss_weights)  # fmt: skip
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_a_packed_row_is_the_sequences_back_to_back():
+    rng = np.random.default_rng(0)
+    seqs = [_seq(rng, n, 50) for n in (5, 3, 4)]
+    b = pack(seqs)
+    assert b.input_ids.shape == (1, 12) and b.packed and b.model_mask is None
+    assert b.input_ids[0].tolist() == [int(t) for s in seqs for t in s.input_ids]
+    assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
+    assert b.num_tokens == 12  # no padding
+    starts = b.loss_weights[0, [0, 5, 8]]
+    assert starts.tolist() == [0.0, 0.0, 0.0]  # nothing before a sequence predicts its first token
+    assert b.loss_weights[0, 1].item() == pytest.approx(0.1)
+    moved = b.to("cpu")
+    assert moved.packed and torch.equal(moved.input_ids, b.input_ids)
+    assert collate(seqs, 0).model_mask is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
+    model, vocab = _model(arch)
+    model.set_attn_implementation(attention)
+    rng = np.random.default_rng(1)
+    seqs = [_seq(rng, n, vocab) for n in (9, 4, 13, 6)]
+    padded_loss, padded_grads = _loss_and_grads(model, collate(seqs, 0))
+    packed_loss, packed_grads = _loss_and_grads(model, pack(seqs))
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
+    for name, g in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_sequence_in_a_packed_row_does_not_see_its_neighbours():
+    """Change every token of the sequence before it: its loss and gradient stay the same."""
+    model, vocab = _model("llama")
+    rng = np.random.default_rng(2)
+    mine, before, other = _seq(rng, 8, vocab), _seq(rng, 6, vocab), _seq(rng, 6, vocab)
+    silent = [Encoded(s.input_ids, np.zeros_like(s.weights), s.response) for s in (before, other)]
+    results = [_loss_and_grads(model, pack([s, mine])) for s in silent]
+    alone = _loss_and_grads(model, collate([mine], 0))
+    for loss, grads in results:
+        assert loss.item() == pytest.approx(alone[0].item(), rel=1e-5)
+        for name, g in alone[1].items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _Objective:
+    def __init__(self, can_pack, name="sft"):
+        self.can_pack, self.name = can_pack, name
+
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576,
+             intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # fmt: skip
+
+
+def test_auto_packs_only_where_the_padding_costs_more_than_the_longer_rows():
+    sft = _Objective(True)
+    even = StepPlan([100] * 64, micro_batch_size=4, grad_accum=2, seed=0)
+    assert choose_packing("auto", sft, even, LLAMA, False)[0] is False  # nothing to remove
+    ragged = StepPlan([20, 20, 20, 400] * 16, micro_batch_size=4, grad_accum=2, seed=0,
+                      group_by_length=False)  # fmt: skip
+    packs, why = choose_packing("auto", sft, ragged, LLAMA, False)
+    assert packs and "packing: auto: on" in why
+    assert choose_packing("off", sft, ragged, LLAMA, False) == (False, "")
+    assert choose_packing("on", sft, even, LLAMA, False)[0] is True
+    assert choose_packing("auto", _Objective(False, "dpo"), ragged, LLAMA, False)[0] is False
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.packing"):
+        choose_packing("on", _Objective(False, "dpo"), even, LLAMA, False)
