@@ -97,7 +97,8 @@ def main() -> None:
         steps = prepare(args.config, args.steps + 1, work)
         peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
         results = {name: run_child(name, work, args) for name in names}
-    report(results, steps, peaks, args)
+        flops = steps_flops(args.config)  # while a generated config still exists
+    report(results, steps, peaks, flops, args)
 
 
 def prepare(config: str, steps: int, work: Path) -> list[dict]:
@@ -182,8 +183,7 @@ def run_child(name: str, work: Path, args) -> dict:
     return result
 
 
-def report(results: dict, steps: list[dict], peaks: dict, args) -> None:
-    flops = steps_flops(args.config)
+def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) -> None:
     base = results.get("hf")
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; {versions()}")
     print(f"config: {args.config}; {args.steps} timed steps after the first; "
@@ -199,6 +199,10 @@ def report(results: dict, steps: list[dict], peaks: dict, args) -> None:
         print(f"| {name} | {r['precision']} | {speed:.1f} | {ratio} | {statistics.median(timed):.2f} | "
               f"{r['seconds'][0]:.2f} | {r['peak_rss_mib']:.0f} | {r['losses'][-1]:.4f} | "
               f"{achieved:.0f} ({100 * achieved / peak:.0f} %) |")  # fmt: skip
+    if "hf-shuffled" in results:
+        shuffled = _speed(results["hf-shuffled"])
+        print("× hf-shuffled (the padded baseline of a shuffled run): " + ", ".join(
+            f"{name} {_speed(r) / shuffled:.2f}" for name, r in results.items()))  # fmt: skip
     for name, r in results.items():
         if "orders" in r:
             same = r["orders"] == [s["order"] for s in steps]

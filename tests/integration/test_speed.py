@@ -145,3 +145,38 @@ def test_packed_training_follows_the_padded_run(tmp_path, model_dir, data_file):
     batch = plan.objective.collate(plan.train[:2], 0)
     assert batch.packed and batch.input_ids.shape[0] == 1
     assert json.loads((runs["off"] / "result.json").read_text())["packed"] is False
+
+
+def test_on_a_cpu_each_micro_batch_gets_the_attention_of_its_width(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    """Rows longer than EAGER_MAX_LEN somewhere in the data: the plan says eager+sdpa, and each
+    forward picks eager for a narrow micro-batch and SDPA for a wide one (the field every
+    attention layer reads), with the same loss either way."""
+    import torch
+
+    import tunelab.models.device as device
+    from tunelab.train.plan import build_plan
+    from tunelab.train.recipe import load
+
+    plain = build_plan(config(tmp_path / "a", model_dir, data_file, "model.precision=fp32"))
+    by_length = sorted(plain.train, key=lambda t: len(t.seq))
+    short, long = by_length[:2], by_length[-2:]
+    assert len(short[-1].seq) < len(long[0].seq)
+    monkeypatch.setattr(device, "EAGER_MAX_LEN", len(short[-1].seq))
+    plan = build_plan(config(tmp_path / "b", model_dir, data_file, "model.precision=fp32"))
+    assert plan.attention == "eager+sdpa"
+    model = plan.method.apply(load(plan))
+    seen = []
+    layer = model.get_base_model().model.layers[0].self_attn
+    layer.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    losses = {}
+    for name, examples in (("short", short), ("long", long), ("short again", short)):
+        with torch.no_grad():
+            losses[name] = plan.objective.loss_sum(model, plan.objective.collate(examples, 0))
+    assert seen == ["eager", "sdpa", "eager"]
+    reference = plain.method.apply(load(plain))  # no hook: SDPA for every batch
+    reference.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        sdpa = plain.objective.loss_sum(reference, plain.objective.collate(short, 0))
+    torch.testing.assert_close(losses["short"], sdpa, rtol=1e-5, atol=1e-6)

@@ -122,3 +122,14 @@ def test_eager_attention_keeps_its_probabilities():
     sdpa = estimate_memory(SMOLLM2, M(name="lora"), _act(precision="bf16"))
     eager = estimate_memory(SMOLLM2, M(name="lora"), _act(precision="bf16", eager_attention=True))
     assert eager.activations - sdpa.activations == 30 * 4 * 9 * 128**2 * 6
+
+
+def test_eager_attention_is_counted_only_up_to_the_width_that_runs_eager():
+    """With rows past EAGER_MAX_LEN (eager+sdpa on a CPU) the widest eager micro-batch is
+    EAGER_MAX_LEN wide: its probabilities are counted at that width, not the longest row's."""
+    from tunelab.models.device import EAGER_MAX_LEN
+
+    long = dict(precision="bf16", seq_len=400)
+    sdpa = estimate_memory(SMOLLM2, M(name="lora"), _act(**long))
+    mixed = estimate_memory(SMOLLM2, M(name="lora"), _act(**long, eager_attention=True))
+    assert mixed.activations - sdpa.activations == 30 * 4 * 9 * EAGER_MAX_LEN**2 * 6

@@ -84,9 +84,17 @@ EAGER_MAX_LEN = 256
 
 
 def training_attention(device: str, longest: int) -> str:
-    """The attention implementation to train with on ``device`` when no sequence is longer
-    than ``longest`` tokens: ``eager`` for short sequences on a CPU, else ``sdpa``."""
-    return "eager" if device == "cpu" and longest <= EAGER_MAX_LEN else "sdpa"
+    """The attention to train with on ``device`` when no row is longer than ``longest`` tokens:
+    ``sdpa`` on a GPU; on a CPU ``eager`` when every row is short, else ``eager+sdpa`` — each
+    micro-batch by its own width (:func:`batch_attention`)."""
+    if device != "cpu":
+        return "sdpa"
+    return "eager" if longest <= EAGER_MAX_LEN else "eager+sdpa"
+
+
+def batch_attention(width: int) -> str:
+    """The attention for a CPU batch ``width`` tokens wide (``eager+sdpa``)."""
+    return "eager" if width <= EAGER_MAX_LEN else "sdpa"
 
 
 def cpu_training_precision(hidden: int) -> tuple[str, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunelab.models.device import EAGER_MAX_LEN
 from tunelab.models.methods import Method
 from tunelab.models.nll import HEAD_CHUNK
 from tunelab.models.shape import ModelShape
@@ -45,7 +46,7 @@ class Activity:
     device: str  # cpu | cuda
     gradient_checkpointing: bool = False
     reference_copy: bool = False  # a frozen second copy of the model (DPO/KTO without precompute)
-    eager_attention: bool = False  # attention as plain matmuls (short sequences on a CPU)
+    eager_attention: bool = False  # attention as plain matmuls (rows up to EAGER_MAX_LEN on a CPU)
 
     @property
     def tokens(self) -> int:
@@ -120,8 +121,9 @@ def estimate_memory(shape: ModelShape, method: Method, act: Activity) -> Memory:
     weights = method.weight_bytes(shape, act.precision)
     act_bytes = 4 if act.precision == "fp32" else 2
     per_layer = layer_activation_elements(shape) * act.tokens * act_bytes
-    if act.eager_attention:  # the fp32 softmax and its cast, [batch, heads, length, length]
-        per_layer += act.micro_batch * shape.heads * act.seq_len**2 * (4 + act_bytes)
+    if act.eager_attention:  # the fp32 softmax and its cast, [batch, heads, length, length],
+        eager = min(act.seq_len, EAGER_MAX_LEN)  # of the widest micro-batch that runs eager
+        per_layer += act.micro_batch * shape.heads * eager**2 * (4 + act_bytes)
     residual = shape.hidden * act.tokens * act_bytes  # a layer's input; the final norm's
     kept = method.trained_layers(shape) * (residual if act.gradient_checkpointing else per_layer)
     recompute = per_layer if act.gradient_checkpointing else 0

@@ -22,9 +22,10 @@ from tunelab.checkpoint.manager import CheckpointManager
 from tunelab.checkpoint.state import load_state
 from tunelab.config.load import dump_config
 from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
-from tunelab.models.device import device_name
+from tunelab.models.device import batch_attention, device_name
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
+from tunelab.models.nll import split_head
 from tunelab.train.doctor import write_doctor
 from tunelab.train.guards import TrainingStopped, is_oom, out_of_memory_message
 from tunelab.train.loop import TRAINED_FOLDER, Run, train_loop
@@ -80,12 +81,32 @@ def load(plan: RunPlan) -> torch.nn.Module:
             ) from None
         raise
     if plan.attention != "sdpa" and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(plan.attention)
+        model.set_attn_implementation("eager")
+        if plan.attention == "eager+sdpa":
+            attention_by_width(model)
     if plan.cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model
+
+
+def attention_by_width(model: torch.nn.Module) -> None:
+    """Each forward of ``model``'s decoder picks its attention by the batch's width (eager for
+    short rows on a CPU, SDPA for long ones: :func:`~tunelab.models.device.batch_attention`),
+    through the config field every attention layer and the mask builder read."""
+    parts = split_head(model)
+    if parts is None:
+        return
+    decoder = parts[0]
+
+    def choose(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        module.config._attn_implementation = batch_attention(ids.shape[1])
+
+    decoder.register_forward_pre_hook(choose, with_kwargs=True)
 
 
 def compile_layers(model: torch.nn.Module, log=print) -> None:

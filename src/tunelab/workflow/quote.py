@@ -170,7 +170,7 @@ def activity(
         weighted_tokens=max(1, round(seqs * (length - 1) * data.weighted_share)),
         precision=precision, device=device,
         gradient_checkpointing=cfg.model.gradient_checkpointing, reference_copy=reference,
-        eager_attention=training_attention(device, data.max_len) == "eager",
+        eager_attention=training_attention(device, data.max_len) != "sdpa",
     )  # fmt: skip
 
 
