@@ -55,6 +55,9 @@ def test_the_timing_is_done_once_per_machine_and_width(cpu):
 
 
 def test_eager_attention_for_short_sequences_on_a_cpu_only():
+    """Every row short: eager; some longer: each micro-batch by its width; a GPU: SDPA."""
     assert device.training_attention("cpu", 110) == "eager"
-    assert device.training_attention("cpu", device.EAGER_MAX_LEN + 1) == "sdpa"
+    assert device.training_attention("cpu", device.EAGER_MAX_LEN + 1) == "eager+sdpa"
     assert device.training_attention("cuda", 110) == "sdpa"
+    assert device.batch_attention(device.EAGER_MAX_LEN) == "eager"
+    assert device.batch_attention(device.EAGER_MAX_LEN + 1) == "sdpa"
