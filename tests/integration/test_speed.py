@@ -180,3 +180,30 @@ def test_on_a_cpu_each_micro_batch_gets_the_attention_of_its_width(
     with torch.no_grad():
         sdpa = plain.objective.loss_sum(reference, plain.objective.collate(short, 0))
     torch.testing.assert_close(losses["short"], sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_on_a_cpu_pads_batch_widths_to_a_multiple_and_keeps_the_loss(
+    tmp_path, model_dir, data_file
+):
+    """bf16 on a CPU: every training batch is padded to a multiple of CPU_BF16_PAD columns
+    (fewer oneDNN kernel shapes); the padding changes no loss. fp32 keeps exact widths."""
+    import torch
+
+    from tunelab.train.plan import build_plan
+    from tunelab.train.speed import CPU_BF16_PAD, pad_multiple
+
+    assert pad_multiple("cpu", "fp32") is None and pad_multiple("cuda", "bf16") is None
+    bf16 = build_plan(config(tmp_path / "bf16", model_dir, data_file, "model.precision=bf16"))
+    fp32 = build_plan(config(tmp_path / "fp32", model_dir, data_file, "model.precision=fp32"))
+    examples = bf16.train[:3]
+    wide = bf16.objective.collate(examples, 0)
+    exact = fp32.objective.collate(examples, 0)
+    assert wide.input_ids.shape[1] % CPU_BF16_PAD == 0
+    assert exact.input_ids.shape[1] == max(len(t.seq) for t in examples) < wide.input_ids.shape[1]
+    from tunelab.train.recipe import load
+
+    model = fp32.method.apply(load(fp32))
+    with torch.no_grad():
+        a, b = (fp32.objective.loss_sum(model, batch) for batch in (exact, wide))
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert wide.num_tokens == exact.num_tokens  # padding is not counted as tokens

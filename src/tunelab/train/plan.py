@@ -36,7 +36,7 @@ from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
-from tunelab.train.speed import choose_compile, choose_packing
+from tunelab.train.speed import choose_compile, choose_packing, pad_multiple
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "keep", "early_stopping_patience",
@@ -146,7 +146,9 @@ class RunPlan:
                        f"{sum(len(x.seq) for x in self.val):,} validation"),
             ("batching", f"{t.micro_batch_size} x {t.grad_accum} accumulation = "
                          f"{t.micro_batch_size * t.grad_accum} {_unit(self)} per step"
-                         + (f"; {self.packing[1]}" if self.packing[1] else "")),
+                         + (f"; {self.packing[1]}" if self.packing[1] else "")
+                         + (f"; widths padded to a multiple of {self.objective.pad_to} (bf16 on a "
+                            "CPU: fewer kernel shapes)" if self.objective.pad_to else "")),
             ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
@@ -203,6 +205,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     packing = choose_packing(t.packing, objective, steps, model_config, method.trains_base)
     if objective.can_pack:
         objective.pack = packing[0]
+    objective.pad_to = pad_multiple(placement.device.type, placement.precision)
     lengths = sequence_stats(train + val)[0]
     longest = sum(sorted(lengths)[-t.micro_batch_size :]) if packing[0] else max(lengths)
     return RunPlan(

@@ -39,6 +39,18 @@ def choose_compile(setting: str, total_steps: int) -> tuple[bool, str]:
     return True, f"compile: auto: on ({total_steps} steps)"
 
 
+#: On a CPU in bf16 every new batch width costs oneDNN new kernels (~1 MiB each, kept): with
+#: exact widths the default model's example run slowed from 289 to 234 real tokens/s over 50
+#: steps and grew to 3.6 GiB; padded to a multiple of 32 it held 313-333 with 2.6 GiB
+#: (docs/speed.md), the padding's extra work included.
+CPU_BF16_PAD = 32
+
+
+def pad_multiple(device: str, precision: str) -> int | None:
+    """The multiple batch widths are padded to: :data:`CPU_BF16_PAD` on a CPU in bf16."""
+    return CPU_BF16_PAD if device == "cpu" and precision == "bf16" else None
+
+
 #: train.packing auto packs when the packed rows cost at most this share of the padded ones:
 #: the margin covers what the FLOP count leaves out (a longer row can move a CPU from eager
 #: attention to SDPA, ~20 % slower a step on the default model)

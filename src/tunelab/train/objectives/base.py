@@ -5,7 +5,8 @@ An objective says three things about its data and batches:
 * ``check_data(examples)``: refuse records it cannot learn from (before any model loads);
 * ``collate(examples, pad_id)``: the batch it needs from tokenized examples; an objective
   that ``can_pack`` (SFT) packs a micro-batch into one row when the plan sets its ``pack``
-  (``train.packing``);
+  (``train.packing``), and pads a batch's width to a multiple of its ``pad_to`` when the
+  plan sets one (:func:`tunelab.train.speed.pad_multiple`);
 * ``weight(batch)``, its share of the optimizer step's normaliser, and
   ``loss_sum(model, batch)``, the weighted loss summed over it.
 
@@ -44,6 +45,7 @@ class Objective(Protocol):
     name: str
     uses_reference: bool
     can_pack: bool
+    pad_to: int | None
     reference: object  # (model, rows) -> log-probabilities, set by the recipe; None for SFT
 
     def check_data(self, examples: Sequence[Example]) -> None: ...

@@ -99,8 +99,9 @@ class KTO(PreferenceObjective):
     def collate(self, examples: Sequence[TokenizedExample], pad_id: int) -> KTOBatch:
         own, kl = example_refs(examples, 0), example_refs(examples, 1)
         desirable = torch.tensor([t.example.label is True for t in examples])
-        return KTOBatch(collate_rows([t.seq for t in examples], pad_id, own),
-                        collate_rows([t.kl for t in examples], pad_id, kl), desirable)  # fmt: skip
+        return KTOBatch(collate_rows([t.seq for t in examples], pad_id, own, self.pad_to),
+                        collate_rows([t.kl for t in examples], pad_id, kl, self.pad_to),
+                        desirable)  # fmt: skip
 
     def weight(self, batch: KTOBatch) -> float:
         return float(batch.desirable.numel())

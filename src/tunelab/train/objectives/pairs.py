@@ -49,8 +49,10 @@ class Rows:
         return Rows(self.tokens.to(device), self.response.to(device), ref)
 
 
-def collate_rows(seqs: Sequence[Encoded], pad_id: int, refs: Sequence[float] | None) -> Rows:
-    tokens = collate(seqs, pad_id)
+def collate_rows(
+    seqs: Sequence[Encoded], pad_id: int, refs: Sequence[float] | None, pad_to: int | None = None
+) -> Rows:
+    tokens = collate(seqs, pad_id, pad_to_multiple_of=pad_to)
     response = torch.zeros(tokens.input_ids.shape, dtype=torch.bool)
     for i, s in enumerate(seqs):
         response[i, : len(s)] = torch.from_numpy(s.response)
@@ -130,6 +132,7 @@ class PreferenceObjective:
         self.chunk = chunk
         self.reference: ReferenceFn | None = None
         self.stats = Stats()
+        self.pad_to: int | None = None  # pad widths to a multiple of this (set by the plan)
 
     def pop_stats(self) -> dict[str, float]:
         return self.stats.pop()
@@ -155,7 +158,7 @@ class PreferencePairs(PreferenceObjective):
         seqs = [t.seq for t in examples] + [t.rejected for t in examples]
         chosen, rejected = example_refs(examples, 0), example_refs(examples, 1)
         refs = None if chosen is None or not self.uses_reference else chosen + rejected
-        return collate_rows(seqs, pad_id, refs)
+        return collate_rows(seqs, pad_id, refs, self.pad_to)
 
     def weight(self, rows: Rows) -> float:
         return rows.tokens.input_ids.shape[0] / 2  # pairs: losses are per pair, summed

@@ -35,6 +35,7 @@ class SFT:
         self.chunk = chunk
         self.reference = None
         self.pack = False  # set by the plan (train.packing)
+        self.pad_to: int | None = None  # pad widths to a multiple of this (set by the plan)
 
     def prepare(self, train, val, cfg) -> list[str]:
         return []
@@ -52,7 +53,7 @@ class SFT:
 
     def collate(self, examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
         seqs = [t.seq for t in examples]
-        return pack(seqs) if self.pack else collate(seqs, pad_id)
+        return pack(seqs) if self.pack else collate(seqs, pad_id, pad_to_multiple_of=self.pad_to)
 
     def weight(self, batch: Batch) -> float:
         return float(target_weights(batch.loss_weights).sum())
