@@ -194,15 +194,16 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
     train, val, dropped, truncated = datasets(cfg, tokenizer, examples, val_examples)
     objective_notes = objective.prepare(train, val, cfg)
-    # every data check is done: only now are the weights hashed (to fingerprint the run)
-    fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
-    checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
     t = cfg.train
     steps = StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
                      grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
     total = steps.total_steps(t.epochs, t.max_steps)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
     packing = choose_packing(t.packing, objective, steps, model_config, method.trains_base)
+    compiled = choose_compile(t.compile, total)
+    # every check is done: only now are the weights hashed (to fingerprint the run)
+    fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
+    checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
     if objective.can_pack:
         objective.pack = packing[0]
     objective.pad_to = pad_multiple(placement.device.type, placement.precision)
@@ -217,7 +218,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
         attention=training_attention(placement.device.type, longest),
-        compile=choose_compile(t.compile, total), packing=packing,
+        compile=compiled, packing=packing,
     )  # fmt: skip
 
 

@@ -180,7 +180,8 @@ def _cached_data_shape(cfg: Config, examples) -> DataShape:
     size and seed, tunelab's code and the tokenizer libraries' versions — so a second ``tunelab
     plan`` of the same data (the usual loop: plan, change a setting, plan again) neither imports
     transformers nor tokenizes: ~1 s of its ~3. A damaged entry is recomputed."""
-    key = _shape_key(cfg)
+    source = cfg.model.tokenizer or resolve_model(cfg.model.name)
+    key = _shape_key(cfg, source)
     path = catalog.home() / "plan-cache" / f"{key}.json" if key else None
     if path is not None and path.is_file():
         try:
@@ -188,18 +189,17 @@ def _cached_data_shape(cfg: Config, examples) -> DataShape:
             return DataShape(**{**fields, "worst_batch": tuple(fields["worst_batch"])})
         except (OSError, ValueError, TypeError, KeyError):
             pass
-    data = _data_shape(cfg, examples)
+    data = _data_shape(cfg, examples, source)
     if path is not None and data.estimated is None:
         with contextlib.suppress(OSError):  # a read-only home: no cache, same answer
             atomic_write_json(path, asdict(data))
     return data
 
 
-def _shape_key(cfg: Config) -> str | None:
+def _shape_key(cfg: Config, source: Path | str) -> str | None:
     """None when the tokenizer is not a local folder (a hub id, a .gguf file): not cached."""
-    tok = cfg.model.tokenizer
-    local = tok is not None and tok not in catalog.CATALOG
-    source = Path(tok).expanduser() if local else resolve_model(tok or cfg.model.name)
+    if isinstance(source, str):  # model.tokenizer as written: a catalog name or a path
+        source = resolve_model(source) if source in catalog.CATALOG else Path(source).expanduser()
     if not (isinstance(source, Path) and source.is_dir()):
         return None
     package = Path(__file__).parents[1]
@@ -228,10 +228,10 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _data_shape(cfg: Config, examples) -> DataShape:
+def _data_shape(cfg: Config, examples, source: Path | str) -> DataShape:
     """Token counts of the training split, from the model's tokenizer (or from characters when
     the model folder has none, said so)."""
-    estimated, source = None, cfg.model.tokenizer or resolve_model(cfg.model.name)
+    estimated = None
     try:
         if isinstance(source, Path) and not any((source / f).is_file() for f in TOKENIZER_FILES):
             raise ModelError(f"{source}: no tokenizer files")  # a config-only folder
