@@ -518,3 +518,38 @@ def test_a_metric_that_never_ran_fails_training_at_the_end_after_writing(
     assert "finetuned: your metric" in err and "failed on every example (3 of 3)" in err
     run = tmp_path / "r"
     assert (run / "final").is_dir() and (run / "eval" / "finetuned" / "metrics.json").is_file()
+
+
+def test_forgetting_check_before_is_the_base_model_on_either_path(tmp_path, model_dir, monkeypatch):
+    """The forgetting check's "before" runs on the model in memory before the first step when
+    training and evaluation share a precision, and on the base loaded after training when they do
+    not (bf16 training on a CPU): the same model either way — never the trained one."""
+    import tunelab.workflow.finetune as workflow
+
+    train = write_jsonl(tmp_path / "train.jsonl", 16)
+    general = write_jsonl(tmp_path / "general.jsonl", 6, start=100)
+    probe, seen = torch.arange(2, 12)[None], {}
+    original = workflow._general
+
+    def spy(cfg, target, run_dir, name):  # the logits of the model each check evaluates
+        with torch.no_grad():
+            seen.setdefault(run_dir.name, {})[name] = target.model(input_ids=probe).logits.float()
+        return original(cfg, target, run_dir, name)
+
+    monkeypatch.setattr(workflow, "_general", spy)
+
+    def run(name):
+        cfg = load_config(None, [
+            f"model.name={model_dir}", f"data.path={train}", f"train.output_dir={tmp_path}", f"name={name}",
+            "train.max_steps=4", "train.lr=0.05", "train.micro_batch_size=4", "method.r=4",
+            "eval.at_end=true", f"eval.general_data={general}", "eval.max_new_tokens=6",
+        ])  # fmt: skip
+        out = workflow.finetune(cfg, log=lambda *a: None)
+        assert (out / "eval" / "general-before" / "metrics.json").is_file()
+        assert "forgetting check" in (out / "summary.md").read_text()
+
+    run("same")
+    monkeypatch.setattr(workflow, "_same_precision", lambda cfg, plan: False)
+    run("other")
+    torch.testing.assert_close(seen["other"]["general-before"], seen["same"]["general-before"])
+    assert not torch.allclose(seen["same"]["general-after"], seen["same"]["general-before"], atol=1e-3)

@@ -43,8 +43,9 @@ def finetune(cfg: Config, *, resume: Path | None = None, progress=None, log=prin
     run = prepare(plan, progress=progress, log=log)
     general = cfg.eval.at_end and cfg.eval.general_data is not None
     before = None
-    if general and plan.fresh:  # the untrained model is the model before any step
-        before = _general(cfg, _untrained(cfg, plan, run.model), plan.run_dir, "general-before")
+    if general and plan.fresh and _same_precision(cfg, plan):  # the model before any step
+        target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
+        before = _general(cfg, target, plan.run_dir, "general-before")
         log(f"general ability before training: {headline(before)}")
     run_dir = finish(run, train(run, log))
     if cfg.eval.at_end and (cfg.eval.data or general):
@@ -70,6 +71,9 @@ def check_eval_inputs(cfg: Config) -> None:
 
 def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) -> None:
     """eval.at_end: the fine-tuned model (final/) on eval.data, and the forgetting check."""
+    if cfg.eval.general_data and before is None:  # bf16 training, or a resumed run
+        before = _before_from_base(cfg, run_dir, log)
+        gc.collect()
     target = load_target(str(run_dir))
     lines = []
     if cfg.eval.data:
@@ -99,14 +103,20 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) 
         check_metric_ran(meta, run_dir / "eval" / "finetuned")
 
 
-def _untrained(cfg: Config, plan: RunPlan, model) -> Target:
-    """The model before training, placed as the evaluation after training places the trained
-    one: the model in memory — unless training chose another precision than evaluation does
-    (bf16 for training on a CPU), then the base loaded as evaluation loads it, so the
-    forgetting check compares like with like."""
-    if choose_placement(cfg.model).precision == plan.placement.precision:
-        return Target(model, plan.tokenizer, f"{cfg.model.name} (before)")
-    return load_target(cfg.model.name, cfg.model)
+def _same_precision(cfg: Config, plan: RunPlan) -> bool:
+    """Whether training computes in the precision evaluation uses. When it does, the forgetting
+    check's "before" runs on the model in memory before the first step; when it does not (bf16
+    training on a CPU), "before" is the base loaded as evaluation loads it, after training
+    (:func:`evaluate_at_end`) — like with like, and the training steps run in a process no
+    evaluation has touched (on a CPU they ran ~14 % slower after it, docs/speed.md)."""
+    return choose_placement(cfg.model).precision == plan.placement.precision
+
+
+def _before_from_base(cfg: Config, run_dir: Path, log=print) -> dict:
+    """The forgetting check on the base model as evaluation loads it; freed on return."""
+    before = _general(cfg, load_target(cfg.model.name, cfg.model), run_dir, "general-before")
+    log(f"general ability before training: {headline(before)}")
+    return before
 
 
 def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
