@@ -552,4 +552,6 @@ def test_forgetting_check_before_is_the_base_model_on_either_path(tmp_path, mode
     monkeypatch.setattr(workflow, "_same_precision", lambda cfg, plan: False)
     run("other")
     torch.testing.assert_close(seen["other"]["general-before"], seen["same"]["general-before"])
-    assert not torch.allclose(seen["same"]["general-after"], seen["same"]["general-before"], atol=1e-3)
+    assert not torch.allclose(
+        seen["same"]["general-after"], seen["same"]["general-before"], atol=1e-3
+    )
