@@ -16,6 +16,8 @@ Contenders (LoRA as the config sets it; the first step is timed apart):
                 parity with ``hf``
   tunelab-fp32  the same as tunelab with model.precision=fp32 (what auto chose before bf16)
   tunelab-bf16  the same as tunelab with model.precision=bf16
+  tunelab-budget  the same with train.micro_batch_tokens = micro_batch_size x data.max_seq_len
+                (each step's sequences in as few forwards as fit what the settings allow one)
   hf            Trainer + PEFT as users write it: fp32, DataCollatorForSeq2Seq (pad to the
                 longest of the batch), prompt labels -100
   hf-bf16       the same with bf16=True (autocast)
@@ -61,6 +63,7 @@ CONTENDERS = (
     "tunelab-plw0",
     "tunelab-fp32",
     "tunelab-bf16",
+    "tunelab-budget",
     "hf",
     "hf-bf16",
     "hf-bf16-compile",
@@ -267,6 +270,11 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
         overrides += ["data.prompt_loss_weight=0", "model.precision=fp32"]
     if name == "tunelab-compile":
         overrides.append("train.compile=on")
+    if name == "tunelab-budget":
+        cfg = load_config(ROOT / config)
+        overrides.append(
+            f"train.micro_batch_tokens={cfg.train.micro_batch_size * cfg.data.max_seq_len}"
+        )
     if name in ("tunelab-fp32", "tunelab-bf16"):
         overrides.append(f"model.precision={name.removeprefix('tunelab-')}")
     run = finetune(load_config(ROOT / config, overrides), log=lambda *a, **k: None)

@@ -234,6 +234,12 @@ def test_the_data_shape_is_cached_and_follows_what_it_was_computed_from(
     short = shape(f"data.max_seq_len={limit}", "data.truncation=truncate_prompt")
     assert len(loads) == 2 and short.max_len == limit
     assert shape("train.micro_batch_size=2").worst_batch[0] == 2 and len(loads) == 3
+    # a token budget regroups each step: the quote's worst micro-batch is the regrouped one
+    two_by_four = ("train.micro_batch_size=2", "train.grad_accum=4")
+    assert shape(*two_by_four).worst_batch[0] == 2 and len(loads) == 4
+    assert shape(*two_by_four, f"train.micro_batch_tokens={10**6}").worst_batch[0] == 8
+    assert len(loads) == 5
+    del loads[3:]
     with data.open("a") as f:
         f.write("\n" + "\n".join(data_file.read_text().splitlines()[:4]))
     assert shape().examples > first.examples and len(loads) == 4

@@ -207,3 +207,44 @@ def test_bf16_on_a_cpu_pads_batch_widths_to_a_multiple_and_keeps_the_loss(
         a, b = (fp32.objective.loss_sum(model, batch) for batch in (exact, wide))
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert wide.num_tokens == exact.num_tokens  # padding is not counted as tokens
+
+
+def test_a_token_budget_trains_the_same_run_in_fewer_forwards(tmp_path, model_dir, data_file):
+    """train.micro_batch_tokens regroups each step's sequences into fewer micro-batches: the
+    same losses and the same trained weights as the fixed micro-batches (accumulation is exact),
+    fewer forward passes; a preference objective refuses it."""
+    import pytest
+
+    from tests.integration.runs import final_weights
+    from tunelab.errors import ConfigError
+    from tunelab.models.nll import FusedHeadNLL
+    from tunelab.train.plan import build_plan
+
+    runs, forwards = {}, {}
+    original = FusedHeadNLL.forward
+    for budget in ("null", "100000"):
+        calls = []
+        FusedHeadNLL.forward = staticmethod(  # training forwards only (not validation's)
+            lambda *a, c=calls: (a[-1] or a[-2]) and c.append(1) or original(*a)
+        )
+        try:
+            cfg = config(tmp_path / budget, model_dir, data_file, f"train.micro_batch_tokens={budget}",
+                         "model.precision=fp32", "train.eval_steps=100")  # fmt: skip
+            runs[budget] = finetune(cfg, log=quiet)
+        finally:
+            FusedHeadNLL.forward = original
+        forwards[budget] = len(calls)
+    fixed, budgeted = ([r["loss"] for r in losses(runs[b])] for b in ("null", "100000"))
+    assert len(fixed) == 6 and fixed[-1] != fixed[0]
+    for a, b in zip(fixed, budgeted, strict=True):
+        assert abs(a - b) <= 1e-5 * a, (fixed, budgeted)
+    w1, w2 = final_weights(runs["null"]), final_weights(runs["100000"])
+    for name in w1:
+        assert (w1[name] - w2[name]).abs().max() <= 1e-5, name
+    assert forwards["100000"] * 2 == forwards["null"] == 12  # 6 steps of 2 x 2, then of 1 x 4
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"Boxes in order {i}?", "chosen": f"{i} boxes.",
+                                            "rejected": "Hard to say."}) for i in range(16)))  # fmt: skip
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        build_plan(config(tmp_path / "dpo", model_dir, pairs, "train.micro_batch_tokens=64",
+                          "train.objective=dpo"), read_weights=False)  # fmt: skip

@@ -122,6 +122,12 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0,
+        description="SFT: run each step's micro_batch_size x grad_accum sequences in as few "
+        "forward passes as fit this many padded tokens (rows x longest), longest first. The "
+        "step's gradient is unchanged; memory follows the budget (null: micro_batch_size rows).",
+    )  # fmt: skip
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

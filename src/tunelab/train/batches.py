@@ -4,6 +4,11 @@ The order is a pure function of (seed, epoch), so a resumed run recomputes it in
 storing it: step k of epoch e always sees the same examples. With ``group_by_length`` each
 shuffled window of 16 micro-batches is sorted by length before it is cut, which cuts padding
 without making the order depend on anything but the seed.
+
+With ``max_tokens`` (``train.micro_batch_tokens``) each step keeps its sequences but runs them in
+as few micro-batches as fit that many padded tokens (rows x the longest row), longest first.
+The step's gradient does not change — accumulation divides by the step's total loss weight — so
+this is a speed choice: fewer, fuller forwards.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class StepPlan:
         grad_accum: int,
         seed: int,
         group_by_length: bool = True,
+        max_tokens: int | None = None,
     ):
         if not lengths:
             raise ValueError("no examples to plan")
@@ -30,6 +36,7 @@ class StepPlan:
         self.ga = grad_accum
         self.seed = seed
         self.group = group_by_length
+        self.max_tokens = max_tokens
 
     @property
     def steps_per_epoch(self) -> int:
@@ -52,7 +59,19 @@ class StepPlan:
                 for i in sorted(order[start : start + window], key=lambda j: -self.lengths[j])
             ]
         micro = [order[i : i + self.mbs] for i in range(0, len(order), self.mbs)]
-        return [micro[i : i + self.ga] for i in range(0, len(micro), self.ga)]
+        steps = [micro[i : i + self.ga] for i in range(0, len(micro), self.ga)]
+        return [self.regroup(step) for step in steps] if self.max_tokens else steps
+
+    def regroup(self, step: list[list[int]]) -> list[list[int]]:
+        """The step's sequences, longest first, cut into micro-batches of at most
+        ``max_tokens`` padded tokens (a longer single sequence gets a micro-batch alone)."""
+        out: list[list[int]] = []
+        for i in sorted((i for micro in step for i in micro), key=lambda j: -self.lengths[j]):
+            if out and (len(out[-1]) + 1) * self.lengths[out[-1][0]] <= self.max_tokens:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
 
     def step(self, global_step: int) -> tuple[int, list[list[int]]]:
         """(epoch, micro-batches) of a global step, 0-based."""

@@ -41,7 +41,7 @@ from tunelab.train.speed import choose_compile, choose_packing, pad_multiple
 #: Settings that may change when resuming (extending a run, evaluating more often...).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "keep", "early_stopping_patience",
                      "eval_at_start", "output_dir", "eval_batch_size", "max_nan_skips", "doctor",
-                     "compile", "packing"}  # fmt: skip
+                     "compile", "packing", "micro_batch_tokens"}  # fmt: skip
 #: Data settings of other commands (data split, data check): they never change a training run.
 NOT_TRAINING_DATA = {"path", "val_path", "split_ratios", "diversity_threshold"}
 
@@ -146,6 +146,8 @@ class RunPlan:
                        f"{sum(len(x.seq) for x in self.val):,} validation"),
             ("batching", f"{t.micro_batch_size} x {t.grad_accum} accumulation = "
                          f"{t.micro_batch_size * t.grad_accum} {_unit(self)} per step"
+                         + (f", run in forwards of up to {t.micro_batch_tokens} padded tokens"
+                            if t.micro_batch_tokens else "")
                          + (f"; {self.packing[1]}" if self.packing[1] else "")
                          + (f"; widths padded to a multiple of {self.objective.pad_to} (bf16 on a "
                             "CPU: fewer kernel shapes)" if self.objective.pad_to else "")),
@@ -195,8 +197,11 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     train, val, dropped, truncated = datasets(cfg, tokenizer, examples, val_examples)
     objective_notes = objective.prepare(train, val, cfg)
     t = cfg.train
+    if t.micro_batch_tokens and not objective.can_pack:
+        raise ConfigError(f"train.micro_batch_tokens works with train.objective=sft only "
+                          f"({objective.name} batches pairs); remove it")  # fmt: skip
     steps = StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
-                     grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
+                     grad_accum=t.grad_accum, seed=t.seed, max_tokens=t.micro_batch_tokens)  # fmt: skip
     total = steps.total_steps(t.epochs, t.max_steps)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
     packing = choose_packing(t.packing, objective, steps, model_config, method.trains_base)
@@ -208,7 +213,9 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         objective.pack = packing[0]
     objective.pad_to = pad_multiple(placement.device.type, placement.precision)
     lengths = sequence_stats(train + val)[0]
-    longest = sum(sorted(lengths)[-t.micro_batch_size :]) if packing[0] else max(lengths)
+    longest = max(lengths)
+    if packing[0]:  # a packed row: the micro-batch's sequences end to end
+        longest = max(longest, t.micro_batch_tokens or sum(sorted(lengths)[-t.micro_batch_size :]))
     return RunPlan(
         cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement,
         model_config=model_config, method=method,

@@ -205,7 +205,13 @@ def _shape_key(cfg: Config, source: Path | str) -> str | None:
     package = Path(__file__).parents[1]
     parts = {
         "data": cfg.data.model_dump(mode="json"),
-        "train": [cfg.train.micro_batch_size, cfg.train.seed, cfg.train.objective],
+        "train": [
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum,
+            cfg.train.micro_batch_tokens,
+            cfg.train.seed,
+            cfg.train.objective,
+        ],
         "data_file": file_sha256(cfg.data.path),
         "tokenizer": {
             f.name: file_sha256(f)
@@ -249,9 +255,9 @@ def _data_shape(cfg: Config, examples, source: Path | str) -> DataShape:
                    for e in examples]  # fmt: skip
         weighted, pairs, rows = 1.0 if cfg.data.prompt_loss_weight > 0 else 0.5, False, lengths
     per_row = 2 if pairs else 1  # a pair is two sequences padded to the longer
-    steps = StepPlan(
-        rows, micro_batch_size=cfg.train.micro_batch_size, grad_accum=1, seed=cfg.train.seed
-    )
+    t = cfg.train
+    steps = StepPlan(rows, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                     seed=t.seed, max_tokens=t.micro_batch_tokens)  # fmt: skip
     worst = max((len(mb) * max(rows[i] for i in mb), len(mb), max(rows[i] for i in mb))
                 for step in steps.epoch(0) for mb in step)  # fmt: skip
     return DataShape(

@@ -1,0 +1,36 @@
+"""The step plan's token budget (train.micro_batch_tokens): each step keeps its sequences, run in
+fewer, fuller micro-batches."""
+
+import random
+
+from tunelab.train.batches import StepPlan
+
+
+def plans(budget):
+    lengths = [random.Random(i).randint(5, 60) for i in range(64)]
+    lengths[10] = 450  # longer than the budget: a micro-batch of its own
+    common = dict(micro_batch_size=4, grad_accum=2, seed=3, group_by_length=False)
+    fixed = StepPlan(lengths, **common)
+    budgeted = StepPlan(lengths, **common, max_tokens=budget)
+    return lengths, fixed, budgeted
+
+
+def test_a_token_budget_keeps_each_steps_sequences_in_fewer_fuller_micro_batches():
+    lengths, fixed, budgeted = plans(400)
+    assert budgeted.steps_per_epoch == fixed.steps_per_epoch
+    fewer = 0
+    for epoch in (0, 1):
+        for a, b in zip(fixed.epoch(epoch), budgeted.epoch(epoch), strict=True):
+            assert sorted(i for mb in a for i in mb) == sorted(i for mb in b for i in mb)
+            flat = [i for mb in b for i in mb]
+            assert [lengths[i] for i in flat] == sorted((lengths[i] for i in flat), reverse=True)
+            for mb in b:
+                width = max(lengths[i] for i in mb)
+                assert len(mb) * width <= 400 or len(mb) == 1
+            for first in b[:-1]:  # none could have taken the next one in
+                assert (len(first) + 1) * lengths[first[0]] > 400
+            fewer += len(b) < len(a)
+    assert fewer > 0
+    assert [10] in [mb for step in budgeted.epoch(0) for mb in step]  # the long one alone
+    assert budgeted.epoch(1) == plans(400)[2].epoch(1)  # a pure function of seed and epoch
+    assert budgeted.step(9) == (1, budgeted.epoch(1)[1])
