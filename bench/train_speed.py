@@ -108,16 +108,21 @@ def prepare(config: str, steps: int, work: Path) -> list[dict]:
     """tunelab's step plan for ``config``: each step's micro-batches as token ids and weights."""
     from tunelab.config.load import load_config
     from tunelab.models.load import resolve_model
+    from tunelab.train.batches import StepPlan
     from tunelab.train.plan import build_plan
 
     cfg = load_config(ROOT / config, [f"train.output_dir={work / 'plan'}", *SAME_SCHEDULE])
     resolve_model(cfg.model.name)  # pulled and converted once, untimed
     plan = build_plan(cfg, read_weights=False)
+    t = cfg.train
+    budgeted = StepPlan(plan.steps.lengths, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                        seed=t.seed, max_tokens=budget(cfg))  # fmt: skip
     out = []
     for k in range(steps):
         _, micro = plan.steps.step(k)
         out.append({
             "order": zlib.crc32(repr(micro).encode()),
+            "order_budget": zlib.crc32(repr(budgeted.step(k)[1]).encode()),  # same sequences
             "micro": [[{"ids": [int(t) for t in plan.train[i].seq.input_ids],
                         "weights": [float(w) for w in plan.train[i].seq.weights]} for i in mb]
                       for mb in micro],
@@ -208,7 +213,8 @@ def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) ->
             f"{name} {_speed(r) / shuffled:.2f}" for name, r in results.items()))  # fmt: skip
     for name, r in results.items():
         if "orders" in r:
-            same = r["orders"] == [s["order"] for s in steps]
+            key = "order_budget" if name == "tunelab-budget" else "order"
+            same = r["orders"] == [s[key] for s in steps]
             print(f"batches of {name}: {'identical to the plan' if same else 'DIFFERENT'}")
     for ours, theirs in (("tunelab-plw0", "hf"), ("tunelab", "tunelab-fp32")):
         if ours in results and theirs in results:
@@ -271,10 +277,7 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
     if name == "tunelab-compile":
         overrides.append("train.compile=on")
     if name == "tunelab-budget":
-        cfg = load_config(ROOT / config)
-        overrides.append(
-            f"train.micro_batch_tokens={cfg.train.micro_batch_size * cfg.data.max_seq_len}"
-        )
+        overrides.append(f"train.micro_batch_tokens={budget(load_config(ROOT / config))}")
     if name in ("tunelab-fp32", "tunelab-bf16"):
         overrides.append(f"model.precision={name.removeprefix('tunelab-')}")
     run = finetune(load_config(ROOT / config, overrides), log=lambda *a, **k: None)
@@ -287,6 +290,11 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
         "orders": [r["order"] for r in records],
         "precision": json.loads((run / "result.json").read_text())["precision"],
     }
+
+
+def budget(cfg) -> int:
+    """tunelab-budget's train.micro_batch_tokens: the most tokens the settings allow a forward."""
+    return cfg.train.micro_batch_size * cfg.data.max_seq_len
 
 
 def run_hf(name: str, work: Path, config: str) -> dict:
