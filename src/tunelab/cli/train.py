@@ -25,11 +25,23 @@ def train(
         "--dry-run",
         help="Check everything and print the run plan; load no weights, train nothing.",
     ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Processes on this machine: runs `torchrun --standalone --nproc-per-node N -m "
+        "tunelab train ...` (several machines: call torchrun yourself, docs/distributed.md).",
+    ),  # fmt: skip
 ) -> None:
     """Fine-tune a model. Writes a run folder: config, metrics, checkpoints, final adapter, plot, summary."""
     from tunelab.config.load import load_config
+    from tunelab.train.distributed import world_from_env
     from tunelab.train.plan import load_resume_config
     from tunelab.workflow.finetune import finetune, plan_finetune
+
+    world = world_from_env()
+    if nproc > 1 and not world.several and not dry_run:
+        _torchrun(nproc)
 
     if config is not None and "=" in str(config) and not config.exists():
         overrides, config = [str(config), *(overrides or [])], None
@@ -42,13 +54,15 @@ def train(
     else:
         cfg = load_config(config, overrides or [])
     if dry_run:
-        print(plan_finetune(cfg, resume=resume, read_weights=False).describe())
+        if nproc > 1 and not world.several:  # the plan as rank 0 of nproc will see it
+            world = type(world)(size=nproc, local_size=nproc)
+        print(plan_finetune(cfg, resume=resume, read_weights=False, world=world).describe())
         return
     console = Console(stderr=True, highlight=False)
     progress = Progress(
         TextColumn("step {task.completed}/{task.total}"), BarColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=quiet,
+        console=console, disable=quiet or not world.main,
     )  # fmt: skip
     task = None
     last_eval = ""
@@ -73,7 +87,27 @@ def train(
 
     with progress:
         run_dir = finetune(cfg, resume=resume, progress=on_step, log=console.print)
-    _print_result(run_dir)
+    if world.main:
+        _print_result(run_dir)
+
+
+def _torchrun(nproc: int) -> None:
+    """Replace this process with torchrun starting ``nproc`` of this very command."""
+    import os
+    import sys
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "tunelab", *args]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
 
 
 def _print_result(run_dir: Path) -> None:

@@ -175,6 +175,18 @@ class TrainConfig(Section):
         "packs only where the padding it removes costs more than that, by the model's FLOPs "
         "(docs/speed.md).",
     )
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Several processes (torchrun --nproc-per-node N -m tunelab train ...): ddp "
+        "splits each step's micro-batches across them and sums the gradients, so the step is "
+        "the one-process step (docs/distributed.md). auto: ddp when torchrun started several "
+        "processes, none for one. fsdp (sharded parameters) is not available yet.",
+    )
+    distributed_timeout_s: int = Field(
+        600, gt=0,
+        description="Several processes: how long a collective waits for the other ranks before "
+        "the job stops (a rank that died cannot leave the others hanging).",
+    )  # fmt: skip
     doctor: Literal["warn", "stop", "off"] = Field(
         "warn",
         description="At each evaluation, look at the loss curve so far (docs/training.md, "

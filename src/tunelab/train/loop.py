@@ -27,6 +27,7 @@ from tunelab.checkpoint.manager import CheckpointManager
 from tunelab.checkpoint.state import save_state
 from tunelab.models.nll import perplexity
 from tunelab.models.tokenizer import pad_id
+from tunelab.train.distributed import sum_gradients
 from tunelab.train.doctor import watch
 from tunelab.train.guards import TrainingStopped, finite, is_oom, out_of_memory_message
 from tunelab.train.optim import Schedule
@@ -57,10 +58,11 @@ class Run:
     def autocast(self):
         return self.plan.autocast(self.model)
 
-    def batches(self, indices: list[list[int]]) -> list:
+    def batches(self, indices: list[list[int]], to_device: bool = True) -> list:
         pad, device = pad_id(self.plan.tokenizer), self.plan.placement.device
         objective, examples = self.plan.objective, self.plan.train
-        return [objective.collate([examples[i] for i in mb], pad).to(device) for mb in indices]
+        batches = [objective.collate([examples[i] for i in mb], pad) for mb in indices]
+        return [b.to(device) for b in batches] if to_device else batches
 
 
 def train_loop(run: Run) -> Outcome:
@@ -92,15 +94,21 @@ def optimizer_step(run: Run) -> dict:
     epoch, micro = plan.steps.step(step)
     plan.method.on_step(run.model, step)
     t0 = time.perf_counter()
-    batches = run.batches(micro)
+    world = plan.world
+    step_batches = run.batches(micro, to_device=not world.several)
+    batches = run.batches(world.mine(micro)) if world.several else step_batches
+    weight = sum((plan.objective.weight(b) for b in step_batches), 0.0)  # the whole step's
     try:
-        loss = accumulate(run.model, plan.objective, batches, run.autocast, run.scaler)
+        loss = world.sum(
+            accumulate(run.model, plan.objective, batches, run.autocast, run.scaler, weight)
+        )
     except Exception as e:
         if is_oom(e):
             raise TrainingStopped(
                 out_of_memory_message(plan.cfg, plan.method, f"step {step + 1}")
             ) from None
         raise
+    sum_gradients(_trained(run), plan.world)
     grad_norm = _clip(run)
     lr = run.schedule.apply(run.optimizer, step)
     ok = finite(loss, grad_norm)
@@ -108,7 +116,7 @@ def optimizer_step(run: Run) -> dict:
         _step(run, step)
     run.optimizer.zero_grad(set_to_none=True)
     state.step = step + 1
-    tokens = sum(b.num_tokens for b in batches)
+    tokens = sum(b.num_tokens for b in step_batches)
     state.tokens += tokens
     if plan.placement.device.type == "cuda":
         torch.cuda.synchronize()
@@ -123,13 +131,20 @@ def optimizer_step(run: Run) -> dict:
 
 
 def accumulate(
-    model, objective, batches: list, autocast=contextlib.nullcontext, scaler=None
+    model,
+    objective,
+    batches: list,
+    autocast=contextlib.nullcontext,
+    scaler=None,
+    step_weight=None,
 ) -> float:
     """Forward and backward every micro-batch of one optimizer step; return the step's loss.
 
-    Each micro-batch's summed loss is divided by the weight of the *whole step*, so the
-    accumulated gradient equals that of one big batch (RELIABILITY 1)."""
-    step_weight = sum(objective.weight(b) for b in batches)
+    Each micro-batch's summed loss is divided by the weight of the *whole step* (``step_weight``:
+    default, these batches'; with several processes, every rank's), so the accumulated
+    gradient equals that of one big batch (RELIABILITY 1)."""
+    if step_weight is None:
+        step_weight = sum(objective.weight(b) for b in batches)
     total = 0.0
     for b in batches:
         with autocast():
@@ -137,6 +152,10 @@ def accumulate(
         (scaler.scale(loss) if scaler else loss).backward()
         total += float(loss.detach())
     return total
+
+
+def _trained(run: Run) -> list[torch.nn.Parameter]:
+    return [p for g in run.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
 
 def normalise(loss_sum: torch.Tensor, weight) -> torch.Tensor:
@@ -188,14 +207,14 @@ def guard(run: Run, record: dict) -> None:
     t, state = run.plan.cfg.train, run.state
     state.nan_skips += 1
     if t.nan_action == "stop":
-        run.metrics.append(record)
+        log_step(run, record)
         raise TrainingStopped(
             f"non-finite loss or gradient at step {record['step']} (loss {record['loss']}, grad norm "
             f"{record['grad_norm']}); train.nan_action=stop. The last checkpoint is intact; try a lower "
             f"train.lr (now {t.lr})."
         )
     if state.nan_skips > t.max_nan_skips:
-        run.metrics.append(record)
+        log_step(run, record)
         raise TrainingStopped(
             f"{state.nan_skips} steps had a non-finite loss or gradient (more than train.max_nan_skips="
             f"{t.max_nan_skips}); the learning rate (train.lr={t.lr}) is probably too high."
@@ -203,6 +222,8 @@ def guard(run: Run, record: dict) -> None:
 
 
 def log_step(run: Run, record: dict) -> None:
+    if not run.plan.world.main:  # rank 0 writes the log and shows the progress
+        return
     run.metrics.append(record)
     if run.progress:
         run.progress(run.state.step, run.plan.total_steps, record)
@@ -246,10 +267,11 @@ def eval_record(run: Run, step: int, loss: float | None) -> dict:
 def doctor_watch(run: Run) -> None:
     """train.doctor: at an evaluation, what the curve so far says (once per kind of problem);
     with ``stop`` the run stops there, after its checkpoint."""
-    setting = run.plan.cfg.train.doctor
+    setting, world = run.plan.cfg.train.doctor, run.plan.world
     if setting == "off":
         return
-    for finding in watch(MetricsLog.read(run.metrics.path), run.said):
+    findings = watch(MetricsLog.read(run.metrics.path), run.said) if world.main else None
+    for finding in world.share(findings):  # rank 0 reads the log; every rank stops alike
         line = f"doctor at step {run.state.step}: {finding.kind}: {finding.evidence} -> {finding.advice}"
         if setting == "stop":
             raise TrainingStopped(f"{line} (train.doctor=stop; the last checkpoint is intact)")
@@ -266,6 +288,10 @@ def checkpoint_due(run: Run, eval_loss: float | None, improved: bool, stopping: 
 
 
 def save_checkpoint(run: Run, eval_loss: float | None) -> None:
+    """Rank 0 writes it (every rank holds the same weights and optimizer state)."""
+    if not run.plan.world.main:
+        return
+
     def write(folder):
         run.plan.method.save(run.model, folder / TRAINED_FOLDER)
         save_state(folder, optimizer=run.optimizer, scheduler=None, trainer_state=run.state.to_dict(),
@@ -295,13 +321,16 @@ def _validation_loss(run: Run) -> float | None:
     total = weight = 0.0
     run.model.eval()
     with torch.no_grad():
-        for i in range(0, len(plan.val), size):
+        for i in plan.world.part(range(0, len(plan.val), size)):  # this rank's batches
             batch = plan.objective.collate(plan.val[i : i + size], pad).to(device)
             with run.autocast():
                 loss_sum = plan.objective.loss_sum(run.model, batch)
             total += loss_sum.double().cpu().numpy() if loss_sum.ndim else float(loss_sum)
             weight += plan.objective.weight(batch)
     run.model.train()
+    if plan.world.several:  # every rank's sums (a rank without a batch has plain zeros)
+        parts = plan.world.gather((total, weight))
+        total, weight = sum(t for t, _ in parts), sum(w for _, w in parts)
     if not np.all(np.asarray(weight) > 0):
         return None
     return float(np.sum(total / weight))

@@ -34,6 +34,7 @@ from tunelab.models.methods import Method, get_method
 from tunelab.models.shape import model_shape
 from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
+from tunelab.train.distributed import ONE, World, choose_distributed
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
 from tunelab.train.speed import choose_compile, choose_packing, pad_multiple
@@ -41,7 +42,7 @@ from tunelab.train.speed import choose_compile, choose_packing, pad_multiple
 #: Settings that may change when resuming (extending a run, evaluating more often...).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "keep", "early_stopping_patience",
                      "eval_at_start", "output_dir", "eval_batch_size", "max_nan_skips", "doctor",
-                     "compile", "packing", "micro_batch_tokens"}  # fmt: skip
+                     "compile", "packing", "micro_batch_tokens", "distributed", "distributed_timeout_s"}  # fmt: skip
 #: Data settings of other commands (data split, data check): they never change a training run.
 NOT_TRAINING_DATA = {"path", "val_path", "split_ratios", "diversity_threshold"}
 
@@ -76,6 +77,8 @@ class RunPlan:
     attention: str = "sdpa"  # the attention implementation trained with (models/device.py)
     compile: tuple[bool, str] = (False, "")  # compile the decoder layers?, why (train.compile)
     packing: tuple[bool, str] = (False, "")  # one row per micro-batch?, why (train.packing)
+    world: World = ONE  # this process's rank among the job's (train/distributed.py)
+    distributed: tuple[str, str] = ("none", "")  # none | ddp, why (train.distributed)
 
     @property
     def fresh(self) -> bool:
@@ -154,6 +157,7 @@ class RunPlan:
             ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
+            ("processes", self.distributed[1] or "one"),
             ("checkpoints", f"every {self.save_steps} steps, last {t.keep_last} kept"),
             ("final weights", self.keep),
             ("fingerprint", ", ".join(f"{k}={v}" for k, v in self.fingerprint.items()
@@ -176,7 +180,8 @@ def sequence_stats(train: list[TokenizedExample]) -> tuple[list[int], float]:
     return lengths, weighted
 
 
-def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = True) -> RunPlan:
+def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = True,
+               world: World = ONE) -> RunPlan:  # fmt: skip
     """Decide the run ``cfg`` describes (``resume``: a run folder to continue). Reads the data
     and the tokenizer, never the model's weights — except, with ``read_weights``, to hash them
     for the fingerprint (a resume always does, to compare)."""
@@ -184,8 +189,10 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     placement = choose_placement(cfg.model)
     method = get_method(cfg.method)
     method.check(placement)
+    distributed = choose_distributed(cfg.train.distributed, world, method.trains_base)
     objective = get_objective(cfg)
-    run_dir = run_folder(cfg, resume)
+    # one folder for all ranks: rank 0 names it (a name with the time could differ by a second)
+    run_dir = world.share(run_folder(cfg, resume) if world.main or not world.joined else None)
     examples = load_examples(cfg.data.path, cfg.data)
     val_examples = load_examples(cfg.data.val_path, cfg.data) if cfg.data.val_path else None
     objective.check_data(examples + (val_examples or []))
@@ -225,7 +232,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
         attention=training_attention(placement.device.type, longest),
-        compile=compiled, packing=packing,
+        compile=compiled, packing=packing, world=world, distributed=distributed,
     )  # fmt: skip
 
 

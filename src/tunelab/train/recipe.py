@@ -26,6 +26,7 @@ from tunelab.models.device import batch_attention, device_name
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
 from tunelab.models.nll import split_head
+from tunelab.train.distributed import same_parameters
 from tunelab.train.doctor import write_doctor
 from tunelab.train.guards import TrainingStopped, is_oom, out_of_memory_message
 from tunelab.train.loop import TRAINED_FOLDER, Run, train_loop
@@ -39,8 +40,10 @@ from tunelab.train.state import Outcome, TrainState
 def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
     started = time.perf_counter()
     model = load(plan)
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    if plan.fresh:  # first thing in the folder: it is a run folder from now on (resumable)
+    main = plan.world.main  # several processes: rank 0 alone writes the run folder
+    if main:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if plan.fresh and main:  # first thing in the folder: it is a run folder from now on
         atomic_write_text(plan.run_dir / "config.yaml", dump_config(plan.cfg))
     torch.manual_seed(plan.cfg.train.seed)  # adapters initialise the same way, however loaded
     model = plan.method.apply(model)
@@ -58,10 +61,11 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
         metrics=MetricsLog(plan.run_dir / "metrics.jsonl"), checkpoints=CheckpointManager(plan.run_dir, t.keep_last),
         progress=progress, started=started, log=log,
     )  # fmt: skip
-    if plan.fresh:  # a run that died before its first checkpoint logged steps nobody keeps
+    if plan.fresh and main:  # a run that died before its first checkpoint logged steps nobody keeps
         run.metrics.truncate_after(-1)
-    else:
+    elif not plan.fresh:
         restore(run, log)
+    same_parameters([p for g in optimizer.param_groups for p in g["params"]], plan.world)
     announce(run, log)
     return run
 
@@ -129,7 +133,8 @@ def restore(run: Run, log=print) -> None:
     saved = load_state(checkpoint, optimizer=run.optimizer, scheduler=None, scaler=run.scaler)
     run.state = TrainState.from_dict(saved, str(checkpoint / "trainer_state.json"))
     run.state.fingerprint = run.plan.fingerprint
-    run.metrics.truncate_after(run.state.step)
+    if run.plan.world.main:
+        run.metrics.truncate_after(run.state.step)
     log(f"resuming {run.plan.run_dir} from {checkpoint.name} (step {run.state.step} of "
         f"{run.plan.total_steps}; next lr {run.schedule.lr(run.state.step):.3g})")  # fmt: skip
 
@@ -145,7 +150,7 @@ def announce(run: Run, log=print) -> None:
     log(
         f"run folder: {plan.run_dir}\n"
         f"model {plan.cfg.model.name} on {plan.placement.describe()}, {plan.attention} attention"
-        + "".join(f", {why}" for _, why in (plan.compile, plan.packing) if why)
+        + "".join(f", {why}" for _, why in (plan.compile, plan.packing, plan.distributed) if why)
         + ", "
         f"method {plan.method.describe()}: "
         f"{trainable:,} of {total:,} parameters trained\n"
@@ -167,6 +172,8 @@ def finish(run: Run, outcome: Outcome):
     """Write final/ (the weights ``plan.keep`` names), the plot, summary.md, result.json and
     the diagnosis (doctor.md, doctor.png)."""
     plan = run.plan
+    if not plan.world.main:  # rank 0 writes the results
+        return plan.run_dir
     final_step, note = _final_weights(run)
     with atomic_folder(plan.run_dir / "final") as tmp:
         plan.method.save(run.model, tmp)
@@ -216,7 +223,8 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "name": plan.run_dir.name, "model": cfg.model.name, "method": cfg.method.model_dump(mode="json"),
         "objective": plan.objective.name,
         "train": cfg.train.model_dump(mode="json"), "device": plan.placement.device.type,
-        "device_name": device_name(plan.placement.device.type), "precision": plan.placement.precision, "attention": plan.attention, "compiled": plan.compile[0], "packed": plan.packing[0],
+        "device_name": device_name(plan.placement.device.type), "world_size": plan.world.size,
+        "distributed": plan.distributed[0], "precision": plan.placement.precision, "attention": plan.attention, "compiled": plan.compile[0], "packed": plan.packing[0],
         "train_flops_per_token": plan.flops_per_token(),
         "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
         "truncated": plan.truncated, "truncation": plan.truncation() or None,

@@ -242,6 +242,7 @@ class _Lines:
 def _setup(out: _Lines) -> None:
     pick, add, info = out.pick, out.add, out.info
     add("Model", pick("model"), _count(pick("parameters"), "parameters"), pick("device"))
+    add("Processes", pick("world_size"), pick("distributed"))
     method, hyperparameters = _method(pick("method")), _settings(pick("hyperparameters"))
     add("Method", f"{method} ({hyperparameters})" if method and hyperparameters else method)
     if not method:

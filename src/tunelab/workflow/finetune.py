@@ -26,29 +26,48 @@ from tunelab.evaluate.run import (
     metric_failure_lines,
 )
 from tunelab.models.device import choose_placement
+from tunelab.train.distributed import ONE, World, start, stop, world_from_env
 from tunelab.train.plan import RunPlan, build_plan
 from tunelab.train.recipe import finish, prepare, train
 
 
-def plan_finetune(cfg: Config, *, resume: Path | None = None, read_weights: bool = True) -> RunPlan:
+def plan_finetune(cfg: Config, *, resume: Path | None = None, read_weights: bool = True,
+                  world: World = ONE) -> RunPlan:  # fmt: skip
     """Every input checked (evaluation files included), the run planned; no weights loaded."""
     if cfg.eval.at_end:  # what is evaluated after training must be readable before it
         check_eval_inputs(cfg)
-    return build_plan(cfg, resume=resume, read_weights=read_weights)
+    return build_plan(cfg, resume=resume, read_weights=read_weights, world=world)
 
 
 def finetune(cfg: Config, *, resume: Path | None = None, progress=None, log=print) -> Path:
-    """Train ``cfg`` (or continue the run folder ``resume``); return the run folder."""
-    plan = plan_finetune(cfg, resume=resume)
+    """Train ``cfg`` (or continue the run folder ``resume``); return the run folder. Started
+    by torchrun, this process is one rank of several (train/distributed.py): each trains its
+    share of every step, rank 0 alone writes, talks and evaluates."""
+    world = world_from_env()
+    try:
+        start(world, choose_placement(cfg.model).device.type, cfg.train.distributed_timeout_s)
+        if not world.main:
+            progress, log = None, _silent
+        return _finetune(cfg, resume, progress, log, world)
+    finally:
+        stop()
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _finetune(cfg: Config, resume: Path | None, progress, log, world: World) -> Path:
+    plan = plan_finetune(cfg, resume=resume, world=world)
     run = prepare(plan, progress=progress, log=log)
-    general = cfg.eval.at_end and cfg.eval.general_data is not None
+    general = cfg.eval.at_end and cfg.eval.general_data is not None and world.main
     before = None
     if general and plan.fresh and _same_precision(cfg, plan):  # the model before any step
         target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
         before = _general(cfg, target, plan.run_dir, "general-before")
         log(f"general ability before training: {headline(before)}")
     run_dir = finish(run, train(run, log))
-    if cfg.eval.at_end and (cfg.eval.data or general):
+    if cfg.eval.at_end and (cfg.eval.data or general) and world.main:
         del run, plan  # the trained model's memory, before final/ is loaded to be evaluated
         gc.collect()
         evaluate_at_end(cfg, run_dir, before, log)

@@ -1,0 +1,207 @@
+"""Several processes, one run: data parallelism on ``torch.distributed``, launched by torchrun.
+
+    torchrun --nproc-per-node N -m tunelab train run.yaml      (tunelab train --nproc N)
+
+Every process (rank) builds the same run plan from the same config and data, holds the whole
+model, and runs its share of each optimizer step's micro-batches: micro-batch ``i`` of a step
+goes to rank ``i mod N``. The step's total loss weight is summed over the ranks *before* any
+backward division, so each rank's gradient is its share of the one-big-batch gradient, and one
+all-reduce (a sum, not a mean) of the trained parameters' gradients gives every rank that
+gradient exactly — the same optimizer step as one process (RELIABILITY 1), whatever ``N``.
+Clipping, the NaN guard and early stopping see the same numbers on every rank, so every rank
+decides the same. Rank 0 alone writes the run folder (logs, checkpoints, plots, final/).
+
+Why not ``torch.nn.parallel.DistributedDataParallel``: its reducer averages gradients over the
+ranks (the per-rank mean, wrong when ranks hold different loss weights) and needs every forward
+to pass through its wrapper, while the fused LM head (models/nll.py) calls the decoder and the
+head apart. One flat all-reduce per step costs what DDP's buckets cost without the overlap with
+the backward pass, which matters little for adapters (a few MiB) — docs/distributed.md.
+
+Backends: gloo on a CPU, NCCL on CUDA. Every collective has a timeout
+(``train.distributed_timeout_s``), so a rank that dies cannot leave the others waiting forever;
+torchrun then stops the job and names the failed rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tunelab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """Which process this is: ``rank`` of ``size`` (``local_rank`` on its machine)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes the run folder and talks to the user."""
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.size > 1
+
+    @property
+    def joined(self) -> bool:
+        """Several processes in a started process group: collectives can run."""
+        return self.several and torch.distributed.is_initialized()
+
+    def part(self, items: list) -> list:
+        """This rank's share of ``items``: every ``size``-th one from ``rank`` on."""
+        return items[self.rank :: self.size] if self.several else items
+
+    def mine(self, step: list[list[int]]) -> list[list[int]]:
+        """This rank's share of an optimizer step's micro-batches: every ``size``-th one from
+        ``rank`` on — or, when the step has fewer micro-batches than ranks, every ``size``-th
+        row of each (a rank may be left with none: it adds zeros to the gradient)."""
+        if not self.several:
+            return step
+        if len(step) >= self.size:
+            return self.part(step)
+        return [rows for rows in map(self.part, step) if rows]
+
+    def sum(self, value):
+        """``value`` (a float, a NumPy array or a tensor) summed over the ranks, in float64."""
+        if not self.several:
+            return value
+        if isinstance(value, torch.Tensor):
+            out = value.detach().to(_device(), torch.float64)
+        else:
+            out = torch.as_tensor(np.asarray(value, dtype=np.float64), device=_device())
+        torch.distributed.all_reduce(out)
+        if isinstance(value, torch.Tensor):
+            return out.to(value.device)
+        return out.cpu().numpy() if isinstance(value, np.ndarray) else float(out)
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (so every rank takes the same branch)."""
+        return bool(self.sum(float(flag)) > 0) if self.several else flag
+
+    def share(self, obj):
+        """Rank 0's ``obj`` on every rank (a small picklable value: a folder name, a decision).
+        Without a process group (``--dry-run`` under torchrun) each rank keeps its own."""
+        if not self.joined:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0, device=_device())
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (small and picklable), in rank order, on every rank."""
+        if not self.joined:
+            return [obj]
+        out = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def wait(self) -> None:
+        """Every rank gets here before any goes on."""
+        if self.several:
+            torch.distributed.barrier()
+
+
+ONE = World()
+
+
+def _device() -> torch.device:
+    """Where collectives run: the current GPU under NCCL, the CPU under gloo."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def world_from_env() -> World:
+    """This process's place, as torchrun sets it (RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE); one process when they are absent."""
+    env = os.environ
+    try:
+        return World(
+            rank=int(env.get("RANK", 0)), size=int(env.get("WORLD_SIZE", 1)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"torchrun's environment is not readable ({e})") from None
+
+
+def start(world: World, device_type: str, timeout_s: int) -> None:
+    """Join the process group (gloo on a CPU, NCCL on CUDA), once; the CPU's cores shared out
+    between the processes on this machine. One process: nothing to do."""
+    if not world.several or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(world.local_rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+    torch.distributed.init_process_group(
+        backend, timeout=datetime.timedelta(seconds=timeout_s), rank=world.rank,
+        world_size=world.size,
+    )  # fmt: skip
+
+
+def stop() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def choose_distributed(setting: str, world: World, trains_base: bool) -> tuple[str, str]:
+    """(none | ddp, why) for ``train.distributed`` in a job of ``world.size`` processes; a
+    setting that cannot hold is refused here, before any weights load."""
+    if setting == "fsdp":
+        raise ConfigError(
+            "train.distributed: 'fsdp' (sharded parameters) is not available yet; use ddp (each "
+            "process holds the whole model) or auto"
+        )
+    if not world.several:
+        if setting == "ddp":
+            return (
+                "none",
+                "distributed: ddp asked for, but this is one process (start it with torchrun)",
+            )
+        return "none", ""
+    if setting == "none":
+        raise ConfigError(
+            f"train.distributed: 'none' but torchrun started {world.size} processes; set "
+            "train.distributed=auto (or ddp), or run one process"
+        )
+    what = "full fine-tuning: every process holds the model and its AdamW state" if trains_base \
+        else "each process holds the model; the adapter's gradients are summed"  # fmt: skip
+    return "ddp", f"distributed: ddp over {world.size} processes ({what})"
+
+
+def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
+    """Sum the gradients of ``params`` over the ranks in one flat all-reduce (a rank that ran
+    no micro-batch this step contributes zeros)."""
+    if not world.several or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(_device())
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(p.device, g.dtype)
+        offset += n
+
+
+def same_parameters(params: list[torch.nn.Parameter], world: World) -> None:
+    """Every rank starts from rank 0's trained parameters (as DDP does at construction)."""
+    if not world.several:
+        return
+    with torch.no_grad():
+        for p in params:
+            buf = p.data.to(_device())
+            torch.distributed.broadcast(buf, src=0)
+            p.data.copy_(buf)
