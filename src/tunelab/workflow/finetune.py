@@ -26,7 +26,7 @@ from tunelab.evaluate.run import (
     metric_failure_lines,
 )
 from tunelab.models.device import choose_placement
-from tunelab.train.distributed import ONE, World, start, stop, world_from_env
+from tunelab.train.distributed import ONE, World, alone, start, stop, world_from_env
 from tunelab.train.plan import RunPlan, build_plan
 from tunelab.train.recipe import finish, prepare, train
 
@@ -67,6 +67,7 @@ def _finetune(cfg: Config, resume: Path | None, progress, log, world: World) -> 
         before = _general(cfg, target, plan.run_dir, "general-before")
         log(f"general ability before training: {headline(before)}")
     run_dir = finish(run, train(run, log))
+    alone(world)  # the other ranks are done: the evaluation has the machine
     if cfg.eval.at_end and (cfg.eval.data or general) and world.main:
         del run, plan  # the trained model's memory, before final/ is loaded to be evaluated
         gc.collect()
