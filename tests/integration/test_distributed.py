@@ -30,6 +30,21 @@ if os.environ.get("RANK") == "1":  # rank 1 dies as a killed process would, befo
 """
 
 
+ECHO = """\
+import os
+if os.environ.get("TUNELAB_TEST_ECHO"):  # replies that name their prompt; each rank notes its own
+    import tunelab.evaluate.run as run
+
+    def echo(model, tokenizer, conversations, options=None, on_progress=None):
+        note = os.path.join(os.environ["TUNELAB_TEST_ECHO"], "rank" + os.environ.get("RANK", "0"))
+        with open(note, "a") as f:
+            f.writelines(c[-1]["content"] + "\\n" for c in conversations)
+        return ["echo: " + c[-1]["content"] for c in conversations]
+
+    run.generate = echo
+"""
+
+
 def overrides(tmp_path, model_dir, data_file, name, *extra):
     return [
         f"model.name={model_dir}", f"data.path={data_file}", "data.val_ratio=0.25",
@@ -136,3 +151,41 @@ def test_dry_run_with_nproc_shows_the_processes(tmp_path, model_dir, data_file):
     assert done.returncode == 0, done.stderr
     assert "distributed: ddp over 2 processes" in done.stdout
     assert not (tmp_path / "plan").exists()
+
+
+def test_the_evaluation_at_the_end_is_shared_and_gathered(tmp_path, model_dir, data_file):
+    """Each rank generates a share of eval.data and of the forgetting check (before, after);
+    rank 0 gathers them in order: the same predictions as one process."""
+    evals = [f"eval.data={data_file}", f"eval.general_data={data_file}", "eval.at_end=true",
+             "eval.max_new_tokens=6", "train.max_steps=2", "eval.batch_size=3"]  # fmt: skip
+    reference = one_process(tmp_path, model_dir, data_file, *evals)
+    done = torchrun(2, overrides(tmp_path, model_dir, data_file, "two", *evals))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("finetuned", "general-before", "general-after"):
+        ours, theirs = (
+            [json.loads(x) for x in (run / "eval" / name / "predictions.jsonl").read_text().splitlines()]
+            for run in (tmp_path / "two", reference)
+        )  # fmt: skip
+        assert len(ours) == 16
+        assert [r["prediction"] for r in ours] == [r["prediction"] for r in theirs], name
+        assert [r["index"] for r in ours] == list(range(16))
+    assert "forgetting check" in (tmp_path / "two" / "summary.md").read_text()
+
+
+def test_each_rank_generates_its_share_and_rank_0_keeps_the_order(tmp_path, model_dir, data_file):
+    """With replies that name their prompt: every example is generated once, by one rank, half
+    each, and its reply lands at its own index."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(ECHO)
+    (tmp_path / "notes").mkdir()
+    env = {"TUNELAB_TEST_ECHO": str(tmp_path / "notes"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    evals = [f"eval.data={data_file}", "eval.at_end=true", "train.max_steps=1", "eval.batch_size=3"]
+    done = torchrun(2, overrides(tmp_path, model_dir, data_file, "two", *evals), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(x) for x in
+               (tmp_path / "two" / "eval" / "finetuned" / "predictions.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [r["prediction"] for r in records] == [f"echo: {r['prompt']}" for r in records]
+    shares = [(tmp_path / "notes" / f"rank{r}").read_text().splitlines() for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(r["prompt"] for r in records)
+    assert len(shares[0]) == len(shares[1]) == 8

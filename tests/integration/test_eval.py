@@ -531,10 +531,10 @@ def test_forgetting_check_before_is_the_base_model_on_either_path(tmp_path, mode
     probe, seen = torch.arange(2, 12)[None], {}
     original = workflow._general
 
-    def spy(cfg, target, run_dir, name):  # the logits of the model each check evaluates
+    def spy(cfg, target, run_dir, name, *rest):  # the logits of the model each check evaluates
         with torch.no_grad():
             seen.setdefault(run_dir.name, {})[name] = target.model(input_ids=probe).logits.float()
-        return original(cfg, target, run_dir, name)
+        return original(cfg, target, run_dir, name, *rest)
 
     monkeypatch.setattr(workflow, "_general", spy)
 

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -150,8 +151,11 @@ def evaluate_examples(
     instruction: str | None = None,
     on_progress: Callable[[int], None] | None = None,
     judge=None,
-) -> dict:
-    """Generate, score and write ``out_dir/name/{predictions.jsonl, metrics.json}``."""
+    spread: Spread | None = None,
+) -> dict | None:
+    """Generate, score and write ``out_dir/name/{predictions.jsonl, metrics.json}``. With
+    ``spread`` (several processes) each generates its share of the examples and the first
+    gathers them, scores and writes; the others return None."""
     from tunelab.evaluate.metrics import load_user_metric, score_all
 
     user_metric = load_user_metric(ecfg.metric) if ecfg.metric else None  # fail before generating
@@ -163,7 +167,9 @@ def evaluate_examples(
         max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, do_sample=ecfg.do_sample,
         temperature=ecfg.temperature, top_p=ecfg.top_p,
     )  # fmt: skip
-    predictions = generate(target.model, target.tokenizer, as_dicts, options, on_progress)
+    predictions = _generate(target, as_dicts, options, on_progress, spread)
+    if predictions is None:
+        return None
     gen_seconds = time.perf_counter() - started
     records = [
         {
@@ -219,6 +225,38 @@ def evaluate_examples(
     }  # fmt: skip
     write_evaluation(out_dir / name, records, meta)
     return meta
+
+
+class Spread(Protocol):
+    """Several processes sharing an evaluation (``tunelab.train.distributed.World``)."""
+
+    @property
+    def several(self) -> bool: ...
+
+    @property
+    def main(self) -> bool: ...
+
+    def part(self, items: list) -> list: ...
+
+    def gather(self, obj) -> list: ...
+
+
+def _generate(target: Target, conversations: list, options, on_progress, spread: Spread | None):
+    """Every reply — or, with ``spread``, this process's share generated and every share
+    gathered on the first process (the others get None)."""
+    if spread is None or not spread.several:
+        return generate(target.model, target.tokenizer, conversations, options, on_progress)
+    mine = spread.part(list(range(len(conversations))))
+    replies = generate(target.model, target.tokenizer, [conversations[i] for i in mine], options,
+                       on_progress if spread.main else None)  # fmt: skip
+    shares = spread.gather(list(zip(mine, replies, strict=True)))
+    if not spread.main:
+        return None
+    out = [""] * len(conversations)
+    for share in shares:
+        for i, reply in share:
+            out[i] = reply
+    return out
 
 
 def write_evaluation(folder: Path, records: list[dict], meta: dict) -> None:

@@ -156,14 +156,6 @@ def stop() -> None:
         torch.distributed.destroy_process_group()
 
 
-def alone(world: World) -> None:
-    """Leave the group once training is done; on a CPU, this process (rank 0, which evaluates
-    on after the others have exited) takes every core back."""
-    stop()
-    if world.several:
-        torch.set_num_threads(os.cpu_count() or 1)
-
-
 def choose_distributed(setting: str, world: World, trains_base: bool) -> tuple[str, str]:
     """(none | ddp, why) for ``train.distributed`` in a job of ``world.size`` processes; a
     setting that cannot hold is refused here, before any weights load."""

@@ -26,7 +26,7 @@ from tunelab.evaluate.run import (
     metric_failure_lines,
 )
 from tunelab.models.device import choose_placement
-from tunelab.train.distributed import ONE, World, alone, start, stop, world_from_env
+from tunelab.train.distributed import ONE, World, start, stop, world_from_env
 from tunelab.train.plan import RunPlan, build_plan
 from tunelab.train.recipe import finish, prepare, train
 
@@ -42,7 +42,7 @@ def plan_finetune(cfg: Config, *, resume: Path | None = None, read_weights: bool
 def finetune(cfg: Config, *, resume: Path | None = None, progress=None, log=print) -> Path:
     """Train ``cfg`` (or continue the run folder ``resume``); return the run folder. Started
     by torchrun, this process is one rank of several (train/distributed.py): each trains its
-    share of every step, rank 0 alone writes, talks and evaluates."""
+    share of every step and of the generations at the end; rank 0 alone writes and talks."""
     world = world_from_env()
     try:
         start(world, choose_placement(cfg.model).device.type, cfg.train.distributed_timeout_s)
@@ -60,18 +60,21 @@ def _silent(*_args, **_kwargs) -> None:
 def _finetune(cfg: Config, resume: Path | None, progress, log, world: World) -> Path:
     plan = plan_finetune(cfg, resume=resume, world=world)
     run = prepare(plan, progress=progress, log=log)
-    general = cfg.eval.at_end and cfg.eval.general_data is not None and world.main
+    general = cfg.eval.at_end and cfg.eval.general_data is not None
     before = None
     if general and plan.fresh and _same_precision(cfg, plan):  # the model before any step
         target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
-        before = _general(cfg, target, plan.run_dir, "general-before")
-        log(f"general ability before training: {headline(before)}")
+        before = _general(cfg, target, plan.run_dir, "general-before", world)
+        if world.main:
+            log(f"general ability before training: {headline(before)}")
+        else:
+            before = {}  # done (rank 0 holds the result): not to be redone after training
     run_dir = finish(run, train(run, log))
-    alone(world)  # the other ranks are done: the evaluation has the machine
-    if cfg.eval.at_end and (cfg.eval.data or general) and world.main:
+    world.wait()  # final/ is written before any rank loads it
+    if cfg.eval.at_end and (cfg.eval.data or general):
         del run, plan  # the trained model's memory, before final/ is loaded to be evaluated
         gc.collect()
-        evaluate_at_end(cfg, run_dir, before, log)
+        evaluate_at_end(cfg, run_dir, before, log, world)
     return run_dir
 
 
@@ -89,25 +92,39 @@ def check_eval_inputs(cfg: Config) -> None:
         load_user_metric(cfg.eval.metric)
 
 
-def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print) -> None:
-    """eval.at_end: the fine-tuned model (final/) on eval.data, and the forgetting check."""
+def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print,
+                    world: World = ONE) -> None:  # fmt: skip
+    """eval.at_end: the fine-tuned model (final/) on eval.data, and the forgetting check.
+    Several processes generate a share each; rank 0 scores, writes and tells."""
     if cfg.eval.general_data and before is None:  # bf16 training, or a resumed run
-        before = _before_from_base(cfg, run_dir, log)
+        before = _before_from_base(cfg, run_dir, log, world)
         gc.collect()
     target = load_target(str(run_dir))
+    if not world.main:  # this rank's share of the generations, then done
+        pairs, examples = load_eval_data(cfg.eval.data, cfg.data, cfg.eval.limit) \
+            if cfg.eval.data else (True, [])  # fmt: skip
+        if not pairs:  # preference pairs are scored by rank 0 alone
+            evaluate_examples(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
+                              data_label=cfg.eval.data, spread=world)  # fmt: skip
+        if cfg.eval.general_data:
+            _general(cfg, target, run_dir, "general-after", world)
+        return
     lines = []
     if cfg.eval.data:
         pairs, examples = load_eval_data(cfg.eval.data, cfg.data, cfg.eval.limit)
-        evaluate = evaluate_pairs if pairs else evaluate_examples
-        meta = evaluate(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
-                        data_label=cfg.eval.data)  # fmt: skip
+        if pairs:
+            meta = evaluate_pairs(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
+                                  data_label=cfg.eval.data)  # fmt: skip
+        else:
+            meta = evaluate_examples(target, examples, cfg.eval, run_dir / "eval", name="finetuned",
+                                     data_label=cfg.eval.data, spread=world)  # fmt: skip
         lines.append(
             f"test set ({meta['examples']} {'pairs' if pairs else 'examples'}): {headline(meta)} "
             f"-> {run_dir / 'eval' / 'finetuned'}"
         )
         lines += metric_failure_lines(meta)
     if cfg.eval.general_data:
-        after = _general(cfg, target, run_dir, "general-after")
+        after = _general(cfg, target, run_dir, "general-after", world)
         b = before["metrics"].get("contains") if before else None
         a = after["metrics"].get("contains")
         if isinstance(a, float) and isinstance(b, float):
@@ -132,14 +149,18 @@ def _same_precision(cfg: Config, plan: RunPlan) -> bool:
     return choose_placement(cfg.model).precision == plan.placement.precision
 
 
-def _before_from_base(cfg: Config, run_dir: Path, log=print) -> dict:
+def _before_from_base(cfg: Config, run_dir: Path, log=print, world: World = ONE) -> dict | None:
     """The forgetting check on the base model as evaluation loads it; freed on return."""
-    before = _general(cfg, load_target(cfg.model.name, cfg.model), run_dir, "general-before")
-    log(f"general ability before training: {headline(before)}")
+    target = load_target(cfg.model.name, cfg.model)
+    before = _general(cfg, target, run_dir, "general-before", world)
+    if before is not None:
+        log(f"general ability before training: {headline(before)}")
     return before
 
 
-def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
+def _general(
+    cfg: Config, target: Target, run_dir: Path, name: str, world: World = ONE
+) -> dict | None:
     """The forgetting check's set: short factual answers, scored by normalised exact match and
     whole-word containment."""
     examples = load_eval_examples(cfg.eval.general_data, limit=cfg.eval.limit)
@@ -152,7 +173,7 @@ def _general(cfg: Config, target: Target, run_dir: Path, name: str) -> dict:
         }
     )
     return evaluate_examples(target, examples, settings, run_dir / "eval", name=name,
-                             data_label=cfg.eval.general_data)  # fmt: skip
+                             data_label=cfg.eval.general_data, spread=world)  # fmt: skip
 
 
 def headline(meta: dict) -> str:
