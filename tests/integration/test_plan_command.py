@@ -250,3 +250,22 @@ def test_the_data_shape_is_cached_and_follows_what_it_was_computed_from(
     for entry in (tmp_path / "home" / "plan-cache").iterdir():
         entry.write_text('{"examples": 1')  # damaged
     assert shape() == again and len(loads) == 6
+
+
+def test_plan_for_several_processes_says_what_each_holds_and_the_total(
+    tmp_path, model_dir, data_file, capsys
+):
+    args = _args(tmp_path, model_dir, data_file, "train.micro_batch_size=2")
+    assert main(["plan", *args, "--nproc", "3"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "processes: 3 (ddp: each holds the whole model" in out and "in all on this machine" in out
+    )
+    assert main(["plan", *args, "--nproc", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["processes"]
+    assert got["nproc"] == 3 and got["distributed"] == "ddp"
+    assert (
+        got["peak_all"]
+        == 3 * got["peak_per_process"]
+        == 3 * make_quote(load_config(None, args)).memory.peak
+    )

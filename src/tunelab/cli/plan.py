@@ -22,6 +22,13 @@ def plan(
         "--lr-find",
         help="An lr_find.json to take the lr from (default: <output_dir>/lr-find).",
     ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Processes the run will use (tunelab train --nproc N): what each holds, and the "
+        "total on this machine.",
+    ),  # fmt: skip
 ) -> None:
     """Quote a run: memory by component and what fits where, steps, time, cost, and the
     recommended settings with their reasons."""
@@ -37,14 +44,27 @@ def plan(
     advice = advise(quote, lr_find=lr_find)
     if write is not None:
         atomic_write_text(write, dump_config(apply_advice(cfg, advice)))
+    processes = processes_line(quote, nproc)
     if as_json:
         print(
             json.dumps(
-                {**quote.as_dict(), "advice": [a.to_dict() for a in advice]}, indent=2, default=str
-            )
+                {
+                    **quote.as_dict(),
+                    "advice": [a.to_dict() for a in advice],
+                    "processes": {
+                        "nproc": nproc,
+                        "distributed": "ddp" if nproc > 1 else "none",
+                        "peak_per_process": quote.memory.peak,
+                        "peak_all": quote.memory.peak * nproc,
+                        "note": processes,
+                    },
+                },
+                indent=2,
+                default=str,
+            )  # fmt: skip
         )
         return
-    show(quote, advice)
+    show(quote, advice, processes)
     if write is not None:
         print(f"written: {write} (the recommended config)")
 
@@ -63,7 +83,24 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def show(quote, advice) -> None:
+def processes_line(quote, nproc: int) -> str:
+    """What N processes hold (ddp: each the whole model, its optimizer state and one
+    micro-batch's activations — the peak above) and, on a CPU, their total against the RAM."""
+    if nproc == 1:
+        return "processes: one (tunelab train --nproc N: each process holds the peak above)"
+    peak = quote.memory.peak
+    line = (f"processes: {nproc} (ddp: each holds the whole model and its optimizer state, "
+            f"{_gib(peak)} a process")  # fmt: skip
+    if quote.here == "cpu":
+        from tunelab.workflow.quote import ram_bytes
+
+        ram = ram_bytes()
+        verdict = "fits" if nproc * peak <= ram else "does NOT fit"
+        return line + f"; {_gib(nproc * peak)} in all on this machine's {_gib(ram)}: {verdict})"
+    return line + "; one GPU each)"
+
+
+def show(quote, advice, processes: str = "") -> None:
     from tunelab.workflow.quote import training_precision
 
     console = Console(highlight=False, soft_wrap=True)
@@ -92,6 +129,8 @@ def show(quote, advice) -> None:
     console.print(table)
     console.print(f"  sanity: the common rule '~2.5 x the weights' (16-bit) says {_gib(quote.rule_of_thumb)}; "
                   "components do not all peak at once, so the peak is less than their sum")  # fmt: skip
+    if processes:
+        console.print(f"  {escape(processes)}")
     fit = Table(title="fit, time and cost", title_justify="left")
     for col in ("device", "memory", "fits", "largest micro-batch", "accumulation", "time", "cost"):
         fit.add_column(col, justify="left" if col == "device" else "right")

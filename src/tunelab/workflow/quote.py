@@ -360,13 +360,13 @@ def fit_devices(quote: Quote, flops: float, history: Path) -> list[Device]:
     rows = []
     if not quote.runs_here:
         out.append(Device(name=f"this machine: {cfg.method.name} needs a CUDA GPU",
-                          memory_gib=round(_ram() / GIB, 1), fits=False, max_micro_batch=0, grad_accum=0))  # fmt: skip
+                          memory_gib=round(ram_bytes() / GIB, 1), fits=False, max_micro_batch=0, grad_accum=0))  # fmt: skip
     elif quote.here == "cuda":
         rows.append(
             ("this machine (GPU)", torch.cuda.get_device_properties(0).total_memory, "cuda", None)
         )
     else:
-        rows.append(("this machine (RAM)", _ram(), "cpu", None))
+        rows.append(("this machine (RAM)", ram_bytes(), "cpu", None))
     rows += [(card, gb * 1e9, "cuda", peak) for card, (gb, peak) in CARDS.items()]
     for name, capacity, kind, peak in rows:
         q = replace(
@@ -387,7 +387,8 @@ def fit_devices(quote: Quote, flops: float, history: Path) -> list[Device]:
     return out
 
 
-def _ram() -> float:
+def ram_bytes() -> float:
+    """This machine's physical memory, in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
