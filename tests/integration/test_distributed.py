@@ -189,3 +189,21 @@ def test_each_rank_generates_its_share_and_rank_0_keeps_the_order(tmp_path, mode
     shares = [(tmp_path / "notes" / f"rank{r}").read_text().splitlines() for r in (0, 1)]
     assert sorted(shares[0] + shares[1]) == sorted(r["prompt"] for r in records)
     assert len(shares[0]) == len(shares[1]) == 8
+
+
+def test_tunelab_train_nproc_names_the_dead_rank_in_one_line_without_a_traceback(
+    tmp_path, model_dir, data_file
+):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILL)
+    env = {**os.environ, "TUNELAB_TEST_KILL_AT": "3",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", "-q", "--nproc", "2",
+         *overrides(tmp_path, model_dir, data_file, "run")],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert done.returncode == 3
+    assert "error: rank 1 of 2 exited with code 3; the job stopped" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert CheckpointManager.step_of(CheckpointManager(tmp_path / "run").latest()) == 3

@@ -92,9 +92,15 @@ def train(
 
 
 def _torchrun(nproc: int) -> None:
-    """Replace this process with torchrun starting ``nproc`` of this very command."""
-    import os
+    """Run this very command as ``nproc`` processes on this machine, as ``torchrun --standalone
+    --nproc-per-node N`` does (torch's own launcher, called as a library), and exit with the
+    job's code; a rank that fails is named in one line, without the launcher's traceback."""
+    import logging
     import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     args, skip = [], False
     for arg in sys.argv[1:]:
@@ -104,10 +110,21 @@ def _torchrun(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "tunelab", *args]  # fmt: skip
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)  # fmt: skip
     sys.stdout.flush()
-    os.execv(sys.executable, command)
+    try:
+        elastic_launch(config, sys.executable)("-m", "tunelab", *args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = (f"was stopped by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")  # fmt: skip
+        print(f"error: rank {rank} of {nproc} {how}; the job stopped (every rank). The last "
+              "complete checkpoint is intact: continue with tunelab train --resume RUN_DIR "
+              f"--nproc {nproc}", file=sys.stderr)  # fmt: skip
+        raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
+    raise SystemExit(0)
 
 
 def _print_result(run_dir: Path) -> None:

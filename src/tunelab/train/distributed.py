@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from tunelab.errors import ConfigError
+from tunelab.train.guards import TrainingStopped
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class World:
             out = value.detach().to(_device(), torch.float64)
         else:
             out = torch.as_tensor(np.asarray(value, dtype=np.float64), device=_device())
-        torch.distributed.all_reduce(out)
+        _collective(torch.distributed.all_reduce, out)
         if isinstance(value, torch.Tensor):
             return out.to(value.device)
         return out.cpu().numpy() if isinstance(value, np.ndarray) else float(out)
@@ -94,7 +95,7 @@ class World:
         if not self.joined:
             return obj
         box = [obj if self.main else None]
-        torch.distributed.broadcast_object_list(box, src=0, device=_device())
+        _collective(torch.distributed.broadcast_object_list, box, src=0, device=_device())
         return box[0]
 
     def gather(self, obj) -> list:
@@ -102,16 +103,30 @@ class World:
         if not self.joined:
             return [obj]
         out = [None] * self.size
-        torch.distributed.all_gather_object(out, obj)
+        _collective(torch.distributed.all_gather_object, out, obj)
         return out
 
     def wait(self) -> None:
         """Every rank gets here before any goes on."""
         if self.several:
-            torch.distributed.barrier()
+            _collective(torch.distributed.barrier)
 
 
 ONE = World()
+
+
+def _collective(op, *args, **kwargs):
+    """A collective; when another rank is gone (its connection reset, or the timeout passed),
+    a clear stop instead of the backend's traceback."""
+    try:
+        return op(*args, **kwargs)
+    except (RuntimeError, torch.distributed.DistError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingStopped(
+            f"rank {torch.distributed.get_rank()}: another process of this job stopped or did not "
+            f"answer within train.distributed_timeout_s ({first[:200]}); the job stops, the last "
+            "complete checkpoint is intact"
+        ) from None
 
 
 def _device() -> torch.device:
@@ -188,7 +203,7 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads]).to(_device())
-    torch.distributed.all_reduce(flat)
+    _collective(torch.distributed.all_reduce, flat)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
@@ -203,5 +218,5 @@ def same_parameters(params: list[torch.nn.Parameter], world: World) -> None:
     with torch.no_grad():
         for p in params:
             buf = p.data.to(_device())
-            torch.distributed.broadcast(buf, src=0)
+            _collective(torch.distributed.broadcast, buf, src=0)
             p.data.copy_(buf)
