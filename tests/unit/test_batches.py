@@ -34,3 +34,15 @@ def test_a_token_budget_keeps_each_steps_sequences_in_fewer_fuller_micro_batches
     assert [10] in [mb for step in budgeted.epoch(0) for mb in step]  # the long one alone
     assert budgeted.epoch(1) == plans(400)[2].epoch(1)  # a pure function of seed and epoch
     assert budgeted.step(9) == (1, budgeted.epoch(1)[1])
+
+
+def test_out_of_memory_advice_names_the_token_budget_when_one_is_set():
+    from tunelab.config.load import load_config
+    from tunelab.models.methods import get_method
+    from tunelab.train.guards import out_of_memory_message
+
+    cfg = load_config(None, ["train.micro_batch_tokens=2048"])
+    said = out_of_memory_message(cfg, get_method(cfg.method), "step 3")
+    assert "train.micro_batch_tokens=1024" in said
+    cfg = load_config(None, [])
+    assert "micro_batch_tokens" not in out_of_memory_message(cfg, get_method(cfg.method), "step 3")

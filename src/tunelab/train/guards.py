@@ -23,6 +23,9 @@ def out_of_memory_message(cfg, method, where: str) -> str:
     t, m = cfg.train, cfg.model
     tips = []
     if where != "model load":
+        if t.micro_batch_tokens:  # the budget, not micro_batch_size, sizes the forwards
+            tips.append(f"a smaller token budget (train.micro_batch_tokens="
+                        f"{max(1, t.micro_batch_tokens // 2)}, or null: micro_batch_size rows)")  # fmt: skip
         tips += [
             f"a smaller micro-batch (train.micro_batch_size={max(1, t.micro_batch_size // 2)}, "
             f"train.grad_accum={t.grad_accum * 2} keeps the same effective batch)",
