@@ -29,8 +29,9 @@ def train(
         1,
         "--nproc",
         min=1,
-        help="Processes on this machine: runs `torchrun --standalone --nproc-per-node N -m "
-        "tunelab train ...` (several machines: call torchrun yourself, docs/distributed.md).",
+        help="Processes on this machine: this command run N times by torch's launcher, as "
+        "`torchrun --standalone --nproc-per-node N` does (several machines: call torchrun "
+        "yourself, docs/distributed.md).",
     ),  # fmt: skip
 ) -> None:
     """Fine-tune a model. Writes a run folder: config, metrics, checkpoints, final adapter, plot, summary."""

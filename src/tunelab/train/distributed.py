@@ -4,10 +4,10 @@
 
 Every process (rank) builds the same run plan from the same config and data, holds the whole
 model, and runs its share of each optimizer step's micro-batches: micro-batch ``i`` of a step
-goes to rank ``i mod N``. The step's total loss weight is summed over the ranks *before* any
-backward division, so each rank's gradient is its share of the one-big-batch gradient, and one
-all-reduce (a sum, not a mean) of the trained parameters' gradients gives every rank that
-gradient exactly — the same optimizer step as one process (RELIABILITY 1), whatever ``N``.
+goes to rank ``i mod N``. Every rank divides by the *whole step's* loss weight (computed from
+the shared plan, so it is the very number one process divides by), so each rank's gradient is
+its share of the one-big-batch gradient, and one all-reduce (a sum, not a mean) of the trained
+parameters' gradients gives every rank that gradient exactly — the same optimizer step as one process (RELIABILITY 1), whatever ``N``.
 Clipping, the NaN guard and early stopping see the same numbers on every rank, so every rank
 decides the same. Rank 0 alone writes the run folder (logs, checkpoints, plots, final/).
 
@@ -28,7 +28,6 @@ import datetime
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from tunelab.errors import ConfigError
@@ -72,22 +71,13 @@ class World:
             return self.part(step)
         return [rows for rows in map(self.part, step) if rows]
 
-    def sum(self, value):
-        """``value`` (a float, a NumPy array or a tensor) summed over the ranks, in float64."""
+    def sum(self, value: float) -> float:
+        """``value`` summed over the ranks, in float64 (a step's loss for the log)."""
         if not self.several:
             return value
-        if isinstance(value, torch.Tensor):
-            out = value.detach().to(_device(), torch.float64)
-        else:
-            out = torch.as_tensor(np.asarray(value, dtype=np.float64), device=_device())
+        out = torch.tensor(value, dtype=torch.float64, device=_device())
         _collective(torch.distributed.all_reduce, out)
-        if isinstance(value, torch.Tensor):
-            return out.to(value.device)
-        return out.cpu().numpy() if isinstance(value, np.ndarray) else float(out)
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (so every rank takes the same branch)."""
-        return bool(self.sum(float(flag)) > 0) if self.several else flag
+        return float(out)
 
     def share(self, obj):
         """Rank 0's ``obj`` on every rank (a small picklable value: a folder name, a decision).
