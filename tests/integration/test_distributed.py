@@ -83,24 +83,38 @@ def assert_same_run(ours, reference, weights_atol=1e-6):
         assert (got[key] - want[key]).abs().max() <= weights_atol, key
 
 
+FULL = ["method.name=full", "train.lr=1e-4", "train.max_grad_norm=0.05"]  # clipped: tested
+
+
 @pytest.mark.parametrize(
-    "extra",
+    ("extra", "kind"),
     [
-        pytest.param([], id="lora-one-micro-batch-each"),
-        pytest.param(["train.grad_accum=3"], id="lora-uneven-2-and-1"),
-        pytest.param(["train.grad_accum=1"], id="lora-rows-of-one-micro-batch-split"),
-        pytest.param(["method.name=full", "train.lr=1e-4"], id="full"),
+        pytest.param([], "ddp", id="lora-one-micro-batch-each"),
+        pytest.param(["train.grad_accum=3"], "ddp", id="lora-uneven-2-and-1"),
+        pytest.param(["train.grad_accum=1"], "ddp", id="lora-rows-of-one-micro-batch-split"),
+        pytest.param([*FULL, "train.distributed=ddp"], "ddp", id="full-ddp"),
+        pytest.param(FULL, "fsdp", id="full-fsdp"),
+        pytest.param(
+            [*FULL, "train.grad_accum=3", "data.val_ratio=0.3"],
+            "fsdp",
+            id="full-fsdp-uneven-steps-and-validation",
+        ),  # fmt: skip
     ],
 )
-def test_two_processes_train_the_one_process_run(tmp_path, model_dir, data_file, extra):
+def test_two_processes_train_the_one_process_run(tmp_path, model_dir, data_file, extra, kind):
     reference = one_process(tmp_path, model_dir, data_file, *extra)
     done = torchrun(2, overrides(tmp_path, model_dir, data_file, "two", *extra))
     assert done.returncode == 0, done.stderr[-3000:]
     ours = tmp_path / "two"
     assert_same_run(ours, reference)
     result = json.loads((ours / "result.json").read_text())
-    assert (result["world_size"], result["distributed"]) == (2, "ddp")
-    assert "Processes:** 2, ddp" in (ours / "summary.md").read_text()
+    assert (result["world_size"], result["distributed"]) == (2, kind)
+    assert f"Processes:** 2, {kind}" in (ours / "summary.md").read_text()
+    if kind == "fsdp":  # the checkpoints are sharded: each rank wrote its own shards
+        shards = sorted(
+            p.name for p in (ours / "checkpoints" / "step-000005" / "sharded").iterdir()
+        )
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
 @pytest.fixture(scope="module")

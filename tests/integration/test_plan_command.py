@@ -269,3 +269,22 @@ def test_plan_for_several_processes_says_what_each_holds_and_the_total(
         == 3 * got["peak_per_process"]
         == 3 * make_quote(load_config(None, args)).memory.peak
     )
+
+
+def test_plan_for_sharded_full_fine_tuning_divides_the_layers_state(
+    tmp_path, model_dir, data_file, capsys
+):
+    args = _args(tmp_path, model_dir, data_file, "method.name=full")
+    assert main(["plan", *args, "--nproc", "2"]) == 0
+    assert "processes: 2 (fsdp: each holds 1/2 of the decoder layers'" in capsys.readouterr().out
+    sharded = {}
+    for extra in ([], ["train.distributed=ddp"]):
+        assert main(["plan", *args, *extra, "--nproc", "2", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["processes"]
+        sharded[got["distributed"]] = got["peak_per_process"]
+    quote = make_quote(load_config(None, args))
+    assert sharded["ddp"] == quote.memory.peak
+    m, s = quote.memory, quote.shape
+    layers = (m.weights + m.gradients + m.optimizer) * s.layers * s.layer_params / s.params
+    one = (m.weights + m.gradients) * s.layer_params / s.params
+    assert sharded["fsdp"] == int(m.peak - layers / 2 + one) < sharded["ddp"]

@@ -2,8 +2,14 @@
 
 import pytest
 
+from tunelab.config.schema import MethodConfig
 from tunelab.errors import ConfigError
-from tunelab.train.distributed import World, choose_distributed
+from tunelab.models.methods import get_method
+from tunelab.train.distributed import World, choose_distributed, passes
+
+
+def method(name):
+    return get_method(MethodConfig(name=name))
 
 
 def shares(step, size):
@@ -23,10 +29,26 @@ def test_micro_batches_go_round_robin_and_rows_split_when_there_are_fewer():
 
 def test_the_choice_and_the_refusals():
     one, two = World(), World(rank=0, size=2, local_size=2)
-    assert choose_distributed("auto", one, trains_base=False) == ("none", "")
-    assert choose_distributed("auto", two, trains_base=False)[0] == "ddp"
-    assert "2 processes" in choose_distributed("ddp", two, trains_base=True)[1]
+    assert choose_distributed("auto", one, method("lora")) == ("none", "")
+    assert choose_distributed("auto", one, method("full")) == ("none", "")
+    assert choose_distributed("auto", two, method("lora"))[0] == "ddp"
+    assert choose_distributed("auto", two, method("freeze"))[0] == "ddp"
+    assert (
+        choose_distributed("auto", two, method("full"))[0] == "fsdp"
+    )  # full fine-tuning is sharded
+    assert choose_distributed("ddp", two, method("full"))[0] == "ddp"
+    assert "2 processes" in choose_distributed("fsdp", two, method("full"))[1]
+    assert choose_distributed("fsdp", one, method("full"))[0] == "none"
     with pytest.raises(ConfigError, match="train.distributed: 'none' but torchrun started 2"):
-        choose_distributed("none", two, trains_base=False)
-    with pytest.raises(ConfigError, match="'fsdp'.*not available yet"):
-        choose_distributed("fsdp", one, trains_base=True)
+        choose_distributed("none", two, method("lora"))
+    for name in ("lora", "qlora", "freeze"):
+        with pytest.raises(
+            ConfigError, match=f"'fsdp' shards full fine-tuning.*method.name={name}"
+        ):
+            choose_distributed("fsdp", two, method(name))
+
+
+def test_every_rank_makes_as_many_passes_as_the_busiest():
+    for step, size, want in (([[0], [1], [2]], 2, 2), ([[0, 1]], 2, 1), ([[7]], 2, 1),
+                             ([[0], [1], [2], [3]], 2, 2), ([[0]] * 5, 3, 2)):  # fmt: skip
+        assert passes(step, World(rank=1, size=size)) == want

@@ -89,15 +89,17 @@ def _as_tuples(value: Any) -> Any:
 def save_state(
     folder: Path,
     *,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     trainer_state: dict,
     scaler: Any | None = None,
 ) -> None:
     """Write the resume state into ``folder`` (normally the temporary folder that
-    :meth:`CheckpointManager.save` hands to its ``write``, which makes the whole set atomic)."""
+    :meth:`CheckpointManager.save` hands to its ``write``, which makes the whole set atomic).
+    ``optimizer`` None: its state is elsewhere (a sharded checkpoint's, checkpoint/sharded.py)."""
     folder = Path(folder)
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     if scheduler is not None:
         torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
     if scaler is not None:
@@ -110,7 +112,7 @@ def save_state(
 def load_state(
     folder: Path,
     *,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     scaler: Any | None = None,
 ) -> dict:
@@ -122,12 +124,13 @@ def load_state(
     rate; the saved optimizer and scheduler state then put back the saved one)."""
     folder = Path(folder)
     trainer_state = read_trainer_state(folder / TRAINER_STATE_FILE)
-    optimizer_state = _load_pt(folder / OPTIMIZER_FILE)
+    optimizer_state = _load_pt(folder / OPTIMIZER_FILE) if optimizer is not None else None
     scheduler_state = _load_pt(folder / SCHEDULER_FILE) if scheduler is not None else None
     scaler_state = _load_pt(folder / SCALER_FILE) if scaler is not None else None
     rng_state = _load_pt(folder / RNG_FILE)
 
-    _apply(folder / OPTIMIZER_FILE, optimizer.load_state_dict, optimizer_state)
+    if optimizer is not None:
+        _apply(folder / OPTIMIZER_FILE, optimizer.load_state_dict, optimizer_state)
     if scheduler is not None:
         _apply(folder / SCHEDULER_FILE, scheduler.load_state_dict, scheduler_state)
     if scaler is not None:

@@ -44,27 +44,21 @@ def plan(
     advice = advise(quote, lr_find=lr_find)
     if write is not None:
         atomic_write_text(write, dump_config(apply_advice(cfg, advice)))
-    processes = processes_line(quote, nproc)
+    processes = processes_plan(quote, nproc)
     if as_json:
         print(
             json.dumps(
                 {
                     **quote.as_dict(),
                     "advice": [a.to_dict() for a in advice],
-                    "processes": {
-                        "nproc": nproc,
-                        "distributed": "ddp" if nproc > 1 else "none",
-                        "peak_per_process": quote.memory.peak,
-                        "peak_all": quote.memory.peak * nproc,
-                        "note": processes,
-                    },
+                    "processes": processes,
                 },
                 indent=2,
                 default=str,
             )  # fmt: skip
         )
         return
-    show(quote, advice, processes)
+    show(quote, advice, processes["note"])
     if write is not None:
         print(f"written: {write} (the recommended config)")
 
@@ -83,21 +77,33 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def processes_line(quote, nproc: int) -> str:
-    """What N processes hold (ddp: each the whole model, its optimizer state and one
-    micro-batch's activations — the peak above) and, on a CPU, their total against the RAM."""
-    if nproc == 1:
-        return "processes: one (tunelab train --nproc N: each process holds the peak above)"
-    peak = quote.memory.peak
-    line = (f"processes: {nproc} (ddp: each holds the whole model and its optimizer state, "
-            f"{_gib(peak)} a process")  # fmt: skip
-    if quote.here == "cpu":
-        from tunelab.workflow.quote import ram_bytes
+def processes_plan(quote, nproc: int) -> dict:
+    """What N processes hold — ddp: each the whole model, its optimizer state and one
+    micro-batch's activations (the peak above); fsdp: each a 1/N share of the decoder layers'
+    weights, gradients and AdamW state — and, on a CPU, their total against the RAM."""
+    from tunelab.models.methods import get_method
+    from tunelab.train.distributed import World, choose_distributed
+    from tunelab.workflow.quote import process_peak, ram_bytes
 
+    method = get_method(quote.cfg.method)
+    kind = choose_distributed(quote.cfg.train.distributed, World(0, nproc), method)[0]
+    peak = process_peak(quote, nproc, kind)
+    out = {"nproc": nproc, "distributed": kind, "peak_per_process": peak, "peak_all": peak * nproc}
+    if nproc == 1:
+        return out | {
+            "note": "processes: one (tunelab train --nproc N: each process holds the peak above)"
+        }
+    what = "each holds the whole model and its optimizer state" if kind == "ddp" else \
+        f"each holds 1/{nproc} of the decoder layers' weights, gradients and AdamW state"  # fmt: skip
+    line = f"processes: {nproc} ({kind}: {what}, {_gib(peak)} a process"
+    if quote.here == "cpu":
         ram = ram_bytes()
         verdict = "fits" if nproc * peak <= ram else "does NOT fit"
-        return line + f"; {_gib(nproc * peak)} in all on this machine's {_gib(ram)}: {verdict})"
-    return line + "; one GPU each)"
+        return out | {
+            "note": line
+            + f"; {_gib(nproc * peak)} in all on this machine's {_gib(ram)}: {verdict})"
+        }
+    return out | {"note": line + "; one GPU each)"}
 
 
 def show(quote, advice, processes: str = "") -> None:

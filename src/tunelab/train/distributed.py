@@ -161,19 +161,22 @@ def stop() -> None:
         torch.distributed.destroy_process_group()
 
 
-def choose_distributed(setting: str, world: World, trains_base: bool) -> tuple[str, str]:
-    """(none | ddp, why) for ``train.distributed`` in a job of ``world.size`` processes; a
-    setting that cannot hold is refused here, before any weights load."""
-    if setting == "fsdp":
+def choose_distributed(setting: str, world: World, method) -> tuple[str, str]:
+    """(none | ddp | fsdp, why) for ``train.distributed`` in a job of ``world.size`` processes
+    training with ``method`` (a :class:`~tunelab.models.methods.base.Method`); a setting that cannot hold is refused here, before any weights
+    load. auto: fsdp for full fine-tuning (its parameters, gradients and AdamW state are what
+    fills a device), ddp for adapters and frozen layers (small gradients: replicate)."""
+    if setting == "fsdp" and not method.shardable:
         raise ConfigError(
-            "train.distributed: 'fsdp' (sharded parameters) is not available yet; use ddp (each "
-            "process holds the whole model) or auto"
+            f"train.distributed: 'fsdp' shards full fine-tuning (method.name=full); with "
+            f"method.name={method.name} each process holds the model and the trained part is small: "
+            "use ddp (or auto)"
         )
     if not world.several:
-        if setting == "ddp":
+        if setting in ("ddp", "fsdp"):
             return (
                 "none",
-                "distributed: ddp asked for, but this is one process (start it with torchrun)",
+                f"distributed: {setting} asked for, but this is one process (start it with torchrun)",
             )
         return "none", ""
     if setting == "none":
@@ -181,14 +184,86 @@ def choose_distributed(setting: str, world: World, trains_base: bool) -> tuple[s
             f"train.distributed: 'none' but torchrun started {world.size} processes; set "
             "train.distributed=auto (or ddp), or run one process"
         )
-    what = "full fine-tuning: every process holds the model and its AdamW state" if trains_base \
-        else "each process holds the model; the adapter's gradients are summed"  # fmt: skip
+    if setting == "fsdp" or (setting == "auto" and method.shardable):
+        return "fsdp", (
+            f"distributed: fsdp over {world.size} processes (each decoder layer's parameters, "
+            f"gradients and AdamW state sharded {world.size} ways; embedding and head replicated)"
+        )
+    what = "full fine-tuning: every process holds the model and its AdamW state" if method.trains_base \
+        else "each process holds the model; the trained parameters' gradients are summed"  # fmt: skip
     return "ddp", f"distributed: ddp over {world.size} processes ({what})"
+
+
+def shard(model: torch.nn.Module, world: World) -> int:
+    """FSDP2: shard each decoder layer of ``model`` over the ranks (``fully_shard``); return
+    how many. A layer's parameters are gathered for its forward and backward and dropped
+    after; its gradients are reduce-scattered as **sums** (FSDP averages by default, the
+    per-rank mean), so every rank holds its shard of the one-process gradient. The embedding,
+    the final norm and the head stay whole on every rank (the fused head calls them outside
+    any FSDP unit; their gradients go through :func:`sum_gradients`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(lm.get_decoder(), "layers", None) if hasattr(lm, "get_decoder") else None
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise TrainingStopped(
+            "train.distributed=fsdp: this model's decoder layers were not found; use "
+            "train.distributed=ddp"
+        )
+    mesh = init_device_mesh(_device().type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        layer.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        layer.set_gradient_divide_factor(1.0)
+    return len(layers)
+
+
+def is_sharded(tensor) -> bool:
+    """A DTensor: a parameter (or gradient) this rank holds a shard of (FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def passes(step: list[list[int]], world: World) -> int:
+    """How many forward passes the busiest rank makes in an optimizer step: under FSDP every
+    rank must make as many (each one gathers every layer, a collective), so a rank with fewer
+    micro-batches makes the rest with a loss weighted zero."""
+    return max(len(World(r, world.size).mine(step)) for r in range(world.size))
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, world: World) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` for a mix of sharded (DTensor) and whole gradients:
+    the norm over the whole model (each rank's shards' squares summed over the ranks, plus the
+    whole gradients' once), the same on every rank; the gradients scaled the same way."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    local = [g.to_local() for g in grads if is_sharded(g)]
+    whole = [g for g in grads if not is_sharded(g)]
+
+    def squares(tensors):
+        return sum(
+            (t.detach().double().pow(2).sum() for t in tensors),
+            torch.zeros((), dtype=torch.float64),
+        )
+
+    shards = squares(local).to(_device())
+    if world.joined:
+        _collective(torch.distributed.all_reduce, shards)
+    norm = float((shards.cpu() + squares(whole)).sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in [*local, *whole]:
+            g.mul_(coef)
+    return norm
 
 
 def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
     """Sum the gradients of ``params`` over the ranks in one flat all-reduce (a rank that ran
     no micro-batch this step contributes zeros)."""
+    params = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters its own
     if not world.several or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -202,11 +277,14 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
 
 
 def same_parameters(params: list[torch.nn.Parameter], world: World) -> None:
-    """Every rank starts from rank 0's trained parameters (as DDP does at construction)."""
+    """Every rank starts from rank 0's trained parameters (as DDP does at construction); a
+    sharded parameter's shards are each rank's own (they come from the same weights)."""
     if not world.several:
         return
     with torch.no_grad():
         for p in params:
+            if is_sharded(p):
+                continue
             buf = p.data.to(_device())
             _collective(torch.distributed.broadcast, buf, src=0)
             p.data.copy_(buf)

@@ -19,15 +19,17 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tunelab.checkpoint.manager import CheckpointManager
+from tunelab.checkpoint.sharded import save_sharded
 from tunelab.checkpoint.state import save_state
 from tunelab.models.nll import perplexity
 from tunelab.models.tokenizer import pad_id
-from tunelab.train.distributed import sum_gradients
+from tunelab.train.distributed import clip_gradients, passes, sum_gradients
 from tunelab.train.doctor import watch
 from tunelab.train.guards import TrainingStopped, finite, is_oom, out_of_memory_message
 from tunelab.train.optim import Schedule
@@ -98,9 +100,12 @@ def optimizer_step(run: Run) -> dict:
     step_batches = run.batches(micro, to_device=not world.several)
     batches = run.batches(world.mine(micro)) if world.several else step_batches
     weight = sum((plan.objective.weight(b) for b in step_batches), 0.0)  # the whole step's
+    idle = []  # FSDP: every rank makes as many passes (each gathers every layer)
+    if plan.sharded:
+        idle = run.batches(micro[:1]) * (passes(micro, world) - len(batches))
     try:
         loss = world.sum(
-            accumulate(run.model, plan.objective, batches, run.autocast, run.scaler, weight)
+            accumulate(run.model, plan.objective, batches, run.autocast, run.scaler, weight, idle)
         )
     except Exception as e:
         if is_oom(e):
@@ -137,18 +142,21 @@ def accumulate(
     autocast=contextlib.nullcontext,
     scaler=None,
     step_weight=None,
+    idle: list = (),
 ) -> float:
     """Forward and backward every micro-batch of one optimizer step; return the step's loss.
 
     Each micro-batch's summed loss is divided by the weight of the *whole step* (``step_weight``:
     default, these batches'; with several processes, every rank's), so the accumulated
-    gradient equals that of one big batch (RELIABILITY 1)."""
+    gradient equals that of one big batch (RELIABILITY 1). ``idle`` batches make passes that
+    add nothing (their loss times zero): the collectives of a sharded model's other ranks."""
     if step_weight is None:
         step_weight = sum(objective.weight(b) for b in batches)
     total = 0.0
-    for b in batches:
+    for b, counts in [(b, True) for b in batches] + [(b, False) for b in idle]:
         with autocast():
             loss = normalise(objective.loss_sum(model, b), step_weight)
+            loss = loss if counts else loss * 0.0
         (scaler.scale(loss) if scaler else loss).backward()
         total += float(loss.detach())
     return total
@@ -174,6 +182,8 @@ def _clip(run: Run) -> float:
     params = [p for g in run.optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = run.plan.cfg.train.max_grad_norm
     max_norm = max_norm if max_norm is not None else float("inf")
+    if run.plan.sharded:  # some gradients are shards: the norm is summed over the ranks
+        return clip_gradients(params, max_norm, run.plan.world)
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
 
@@ -288,14 +298,23 @@ def checkpoint_due(run: Run, eval_loss: float | None, improved: bool, stopping: 
 
 
 def save_checkpoint(run: Run, eval_loss: float | None) -> None:
-    """Rank 0 writes it (every rank holds the same weights and optimizer state)."""
-    if not run.plan.world.main:
+    """Rank 0 writes it (every rank holds the same weights and optimizer state) — except under
+    FSDP, where every rank writes its shards into the folder rank 0 prepares
+    (checkpoint/sharded.py) and rank 0 completes it."""
+    world, sharded = run.plan.world, run.plan.sharded
+    if not world.main:
+        if sharded:
+            save_sharded(Path(world.share(None)), run.model, run.optimizer)
         return
 
     def write(folder):
-        run.plan.method.save(run.model, folder / TRAINED_FOLDER)
-        save_state(folder, optimizer=run.optimizer, scheduler=None, trainer_state=run.state.to_dict(),
-                   scaler=run.scaler)  # fmt: skip
+        if sharded:
+            world.share(str(folder))  # where the other ranks write their shards
+            save_sharded(folder, run.model, run.optimizer)
+        else:
+            run.plan.method.save(run.model, folder / TRAINED_FOLDER)
+        save_state(folder, optimizer=None if sharded else run.optimizer, scheduler=None,
+                   trainer_state=run.state.to_dict(), scaler=run.scaler)  # fmt: skip
 
     run.checkpoints.save(run.state.step, write, metric=eval_loss)
 
@@ -319,12 +338,18 @@ def _validation_loss(run: Run) -> float | None:
     size = plan.cfg.train.eval_batch_size or plan.cfg.train.micro_batch_size
     pad, device = pad_id(plan.tokenizer), plan.placement.device
     total = weight = 0.0
+    starts = list(range(0, len(plan.val), size))
+    mine = [(i, True) for i in plan.world.part(starts)]  # this rank's batches
+    if plan.sharded:  # as many passes as rank 0 (each gathers every layer); the extra ones idle
+        mine += [(0, False)] * (-(-len(starts) // plan.world.size) - len(mine))
     run.model.eval()
     with torch.no_grad():
-        for i in plan.world.part(range(0, len(plan.val), size)):  # this rank's batches
+        for i, counts in mine:
             batch = plan.objective.collate(plan.val[i : i + size], pad).to(device)
             with run.autocast():
                 loss_sum = plan.objective.loss_sum(run.model, batch)
+            if not counts:
+                continue
             total += loss_sum.double().cpu().numpy() if loss_sum.ndim else float(loss_sum)
             weight += plan.objective.weight(batch)
     run.model.train()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tunelab.checkpoint.manager import CheckpointManager, verify
+from tunelab.checkpoint.sharded import is_sharded_checkpoint
 from tunelab.checkpoint.state import (
     TRAINER_STATE_FILE,
     CheckpointError,
@@ -78,11 +79,16 @@ class RunPlan:
     compile: tuple[bool, str] = (False, "")  # compile the decoder layers?, why (train.compile)
     packing: tuple[bool, str] = (False, "")  # one row per micro-batch?, why (train.packing)
     world: World = ONE  # this process's rank among the job's (train/distributed.py)
-    distributed: tuple[str, str] = ("none", "")  # none | ddp, why (train.distributed)
+    distributed: tuple[str, str] = ("none", "")  # none | ddp | fsdp, why (train.distributed)
 
     @property
     def fresh(self) -> bool:
         return self.resume_from is None
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each rank holds a shard of the decoder layers (train/distributed.py)."""
+        return self.distributed[0] == "fsdp"
 
     def truncation(self) -> str:
         """What data.truncation did to the training examples, in words ("" when nothing)."""
@@ -189,7 +195,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     placement = choose_placement(cfg.model)
     method = get_method(cfg.method)
     method.check(placement)
-    distributed = choose_distributed(cfg.train.distributed, world, method.trains_base)
+    distributed = choose_distributed(cfg.train.distributed, world, method)
     objective = get_objective(cfg)
     # one folder for all ranks: rank 0 names it (a name with the time could differ by a second)
     run_dir = world.share(run_folder(cfg, resume) if world.main or not world.joined else None)
@@ -216,6 +222,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     # every check is done: only now are the weights hashed (to fingerprint the run)
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
     checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
+    check_format(checkpoint, distributed[0])
     if objective.can_pack:
         objective.pack = packing[0]
     objective.pad_to = pad_multiple(placement.device.type, placement.precision)
@@ -313,6 +320,17 @@ def resume_point(run_dir: Path, fingerprint: dict) -> tuple[Path | None, list[st
         + "\n  ".join(notes)
         + f"\nTo start over, train into a new folder (name=...) or delete {run_dir}."
     )
+
+
+def check_format(checkpoint: Path | None, distributed: str) -> None:
+    """A sharded checkpoint (FSDP's) resumes on any number of processes, sharded or not; a
+    whole one (one process, ddp) does not go into a sharded model: refused, with the way out."""
+    if checkpoint is not None and distributed == "fsdp" and not is_sharded_checkpoint(checkpoint):
+        raise ResumeError(
+            f"{checkpoint}: written by one process or under ddp (whole weights in trained/), and "
+            "train.distributed=fsdp resumes only sharded checkpoints; resume it with "
+            "train.distributed=ddp (every process holds the model), or on one process"
+        )
 
 
 def check_files(cfg: Config) -> None:

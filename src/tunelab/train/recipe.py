@@ -19,6 +19,7 @@ import time
 import torch
 
 from tunelab.checkpoint.manager import CheckpointManager
+from tunelab.checkpoint.sharded import gather_weights, is_sharded_checkpoint, load_sharded
 from tunelab.checkpoint.state import load_state
 from tunelab.config.load import dump_config
 from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
@@ -26,7 +27,7 @@ from tunelab.models.device import batch_attention, device_name
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
 from tunelab.models.nll import split_head
-from tunelab.train.distributed import same_parameters
+from tunelab.train.distributed import same_parameters, shard
 from tunelab.train.doctor import write_doctor
 from tunelab.train.guards import TrainingStopped, is_oom, out_of_memory_message
 from tunelab.train.loop import TRAINED_FOLDER, Run, train_loop
@@ -50,6 +51,8 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
     if plan.compile[0]:
         compile_layers(model, log)
     setup_reference(plan, model, log)  # the model before training (before a resume restores)
+    if plan.sharded:  # FSDP: from here on each rank holds its shard of every decoder layer
+        shard(model, plan.world)
     t = plan.cfg.train
     optimizer = build_optimizer(
         plan.method.optimizer_parameters(model), t, plan.placement.device.type
@@ -129,8 +132,12 @@ def compile_layers(model: torch.nn.Module, log=print) -> None:
 def restore(run: Run, log=print) -> None:
     """Continue from the plan's checkpoint: weights, optimizer, RNG and loop state."""
     checkpoint = run.plan.resume_from
-    run.plan.method.load(run.model, checkpoint / TRAINED_FOLDER)
-    saved = load_state(checkpoint, optimizer=run.optimizer, scheduler=None, scaler=run.scaler)
+    if is_sharded_checkpoint(checkpoint):  # FSDP's: on this run's processes, sharded or not
+        load_sharded(checkpoint, run.model, run.optimizer)
+        saved = load_state(checkpoint, optimizer=None, scheduler=None, scaler=run.scaler)
+    else:
+        run.plan.method.load(run.model, checkpoint / TRAINED_FOLDER)
+        saved = load_state(checkpoint, optimizer=run.optimizer, scheduler=None, scaler=run.scaler)
     run.state = TrainState.from_dict(saved, str(checkpoint / "trainer_state.json"))
     run.state.fingerprint = run.plan.fingerprint
     if run.plan.world.main:
@@ -172,11 +179,14 @@ def finish(run: Run, outcome: Outcome):
     """Write final/ (the weights ``plan.keep`` names), the plot, summary.md, result.json and
     the diagnosis (doctor.md, doctor.png)."""
     plan = run.plan
-    if not plan.world.main:  # rank 0 writes the results
+    if not plan.world.main and not plan.sharded:  # rank 0 writes the results
         return plan.run_dir
     final_step, note = _final_weights(run)
+    whole = gather_weights(run.model) if plan.sharded else None  # FSDP: every rank takes part
+    if not plan.world.main:
+        return plan.run_dir
     with atomic_folder(plan.run_dir / "final") as tmp:
-        plan.method.save(run.model, tmp)
+        plan.method.save(run.model, tmp, state_dict=whole)
         plan.tokenizer.save_pretrained(tmp)
     plot_losses(MetricsLog.read(plan.run_dir / "metrics.jsonl"), plan.run_dir / "train_loss.png")
     info = _result(run, outcome, final_step, note)
@@ -209,7 +219,9 @@ def _final_weights(run: Run) -> tuple[int, str]:
         return state.step, f"{last}: no checkpoint has a validation loss to choose by"
     step = CheckpointManager.step_of(best)
     loss = run.checkpoints.best_metric()
-    if step != state.step:
+    if step != state.step and is_sharded_checkpoint(best):
+        load_sharded(best, run.model)
+    elif step != state.step:
         plan.method.load(run.model, best / TRAINED_FOLDER)
     if step == 0:
         return 0, (f"the untrained model (step 0, validation loss {loss:.4f}): no step improved "

@@ -62,7 +62,9 @@ def _finetune(cfg: Config, resume: Path | None, progress, log, world: World) -> 
     run = prepare(plan, progress=progress, log=log)
     general = cfg.eval.at_end and cfg.eval.general_data is not None
     before = None
-    if general and plan.fresh and _same_precision(cfg, plan):  # the model before any step
+    if (
+        general and plan.fresh and _same_precision(cfg, plan) and not plan.sharded
+    ):  # before any step
         target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
         before = _general(cfg, target, plan.run_dir, "general-before", world)
         if world.main:

@@ -387,6 +387,20 @@ def fit_devices(quote: Quote, flops: float, history: Path) -> list[Device]:
     return out
 
 
+def process_peak(quote: Quote, nproc: int, distributed: str) -> int:
+    """Each process's peak in a job of ``nproc``: under ddp (or one process) the peak of the
+    quote; under fsdp the decoder layers' weights, gradients and AdamW state a 1/nproc share,
+    plus one layer gathered whole with its gradient (an estimate: the embedding, the head and
+    the activations stay whole on every rank)."""
+    m, s = quote.memory, quote.shape
+    if distributed != "fsdp" or nproc < 2:
+        return m.peak
+    layers = s.layers * s.layer_params / s.params
+    one_layer = (m.weights + m.gradients) * s.layer_params / s.params
+    sharded = (m.weights + m.gradients + m.optimizer) * layers
+    return int(m.peak - sharded * (1 - 1 / nproc) + one_layer)
+
+
 def ram_bytes() -> float:
     """This machine's physical memory, in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -34,6 +34,9 @@ class Method:
     name = "method"
     #: Whether base weights are trained (then they stay fp32 under mixed precision).
     trains_base = True
+    #: Whether several processes shard the training (FSDP): every parameter trained, so the
+    #: weights, gradients and AdamW state are what fills a device (train/distributed.py).
+    shardable = False
     #: Load the base weights in 4/8-bit (QLoRA): the bits, else None.
     quantize_bits: int | None = None
     #: Settings worth a glance in summaries (the rest is in config.yaml).
@@ -57,11 +60,12 @@ class Method:
         names of parameters it made trainable."""
         return []
 
-    def save(self, model: nn.Module, folder: Path) -> None:
-        """The whole model as a Hugging Face model folder (``config.json`` + safetensors)."""
+    def save(self, model: nn.Module, folder: Path, state_dict: dict | None = None) -> None:
+        """The whole model as a Hugging Face model folder (``config.json`` + safetensors);
+        ``state_dict``: the weights to write instead of the model's own (gathered from shards)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
 
     def load(self, model: nn.Module, folder: Path) -> None:
         """Restore, bit for bit, what :meth:`save` wrote into a model prepared by :meth:`apply`."""

@@ -9,6 +9,7 @@ from tunelab.models.methods.base import Method
 
 class Full(Method):
     name = "full"
+    shardable = True
 
     def apply(self, model: nn.Module) -> nn.Module:
         self.refuse_quantized(model)

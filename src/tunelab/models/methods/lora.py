@@ -44,9 +44,9 @@ class LoRA(Method):
     def prepare_base(self, model: nn.Module) -> nn.Module:
         return model
 
-    def save(self, model: nn.Module, folder: Path) -> None:
+    def save(self, model: nn.Module, folder: Path, state_dict: dict | None = None) -> None:
         self._require_peft(model)
-        super().save(model, folder)
+        super().save(model, folder, state_dict)
 
     def load(self, model: nn.Module, folder: Path) -> None:
         from peft import set_peft_model_state_dict
