@@ -4,6 +4,7 @@ processes or on one."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,8 +118,16 @@ def test_two_processes_train_the_one_process_run(tmp_path, model_dir, data_file,
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
+KINDS = {"ddp": [], "fsdp": FULL}  # LoRA (replicated) and full fine-tuning (sharded)
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def kind(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory, model_dir, data_file):
+def killed(tmp_path_factory, model_dir, data_file, kind):
     """A 2-process run whose rank 1 died before step 4 (checkpoints of steps 1-3 written)."""
     tmp_path = tmp_path_factory.mktemp("killed")
     (tmp_path / "site").mkdir()
@@ -126,11 +135,20 @@ def killed(tmp_path_factory, model_dir, data_file):
     env = {"TUNELAB_TEST_KILL_AT": "3",
            "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     started = time.monotonic()
-    done = torchrun(2, overrides(tmp_path, model_dir, data_file, "run"), env=env)
+    done = torchrun(2, overrides(tmp_path, model_dir, data_file, "run", *KINDS[kind]), env=env)
     return tmp_path, done, time.monotonic() - started
 
 
-def test_a_dead_rank_ends_the_job_and_names_itself(killed):
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, model_dir, data_file, kind):
+    """The same 2-process run, uninterrupted."""
+    tmp_path = tmp_path_factory.mktemp("whole")
+    done = torchrun(2, overrides(tmp_path, model_dir, data_file, "whole", *KINDS[kind]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "whole"
+
+
+def test_a_dead_rank_ends_the_job_and_names_itself(killed, kind):
     tmp_path, done, seconds = killed
     assert done.returncode != 0
     assert seconds < 120  # not the collectives' 600 s timeout: torchrun stops the job
@@ -138,32 +156,47 @@ def test_a_dead_rank_ends_the_job_and_names_itself(killed):
     latest = CheckpointManager(tmp_path / "run").latest()
     assert latest is not None and verify(latest) is None
     assert CheckpointManager.step_of(latest) == 3
+    assert (latest / "sharded").is_dir() == (kind == "fsdp")
 
 
 @pytest.mark.parametrize("nproc", [2, 1])
-def test_a_killed_two_process_run_resumes_exactly_on_two_or_one(
-    killed, tmp_path, model_dir, data_file, nproc
-):
+def test_a_killed_two_process_run_resumes_exactly_on_two_or_one(killed, whole, tmp_path, nproc):
+    """FSDP's sharded checkpoint too: on two processes, or into one plain model."""
     source, _, _ = killed
     run = tmp_path / "run"
-    import shutil
-
     shutil.copytree(source / "run", run)
     done = torchrun(nproc, ["--resume", str(run)])
     assert done.returncode == 0, done.stderr[-3000:]
-    reference = tmp_path / "whole"
-    whole = torchrun(2, overrides(tmp_path, model_dir, data_file, "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    assert_same_run(run, reference)
+    assert_same_run(run, whole)
     assert json.loads((run / "result.json").read_text())["world_size"] == nproc
 
 
-def test_dry_run_with_nproc_shows_the_processes(tmp_path, model_dir, data_file):
-    args = overrides(tmp_path, model_dir, data_file, "plan")
+def test_fsdp_refuses_a_whole_checkpoint_before_loading_weights(tmp_path, model_dir, data_file):
+    """A checkpoint of one process (whole weights) cannot go into a sharded model: refused with
+    the way out, in a line (tunelab train --nproc), before any weights load."""
+    one_process(tmp_path, model_dir, data_file, *FULL, "train.max_steps=1")
+    done = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", "-q", "--nproc", "2", "--resume",
+         str(tmp_path / "one"), "train.max_steps=2"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "train.distributed=fsdp resumes only sharded checkpoints" in done.stderr
+    assert "resume it with train.distributed=ddp" in done.stderr
+    assert "error: rank 0 of 2 stopped on the error above" in done.stderr or \
+        "error: rank 1 of 2 stopped on the error above" in done.stderr  # fmt: skip
+    assert "Traceback" not in done.stderr and "Loading weights" not in done.stderr
+    assert CheckpointManager.step_of(CheckpointManager(tmp_path / "one").latest()) == 1
+
+
+@pytest.mark.parametrize(("extra", "kind"), [([], "ddp"), (["method.name=full"], "fsdp")])
+def test_dry_run_with_nproc_shows_the_processes(tmp_path, model_dir, data_file, extra, kind):
+    args = overrides(tmp_path, model_dir, data_file, "plan", *extra)
     done = subprocess.run([sys.executable, "-m", "tunelab", "train", "--dry-run", "--nproc", "2", *args],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "distributed: ddp over 2 processes" in done.stdout
+    assert f"distributed: {kind} over 2 processes" in done.stdout
+    assert "memory per process: tunelab plan --nproc 2" in done.stdout
     assert not (tmp_path / "plan").exists()
 
 

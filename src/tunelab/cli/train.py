@@ -103,6 +103,8 @@ def _torchrun(nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from tunelab.errors import TunelabError
+
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -119,6 +121,10 @@ def _torchrun(nproc: int) -> None:
         elastic_launch(config, sys.executable)("-m", "tunelab", *args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode == TunelabError.exit_code:  # the rank said why, above
+            print(f"error: rank {rank} of {nproc} stopped on the error above; the job stopped "
+                  "(every rank)", file=sys.stderr)  # fmt: skip
+            raise SystemExit(failure.exitcode) from None
         how = (f"was stopped by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")  # fmt: skip
         print(f"error: rank {rank} of {nproc} {how}; the job stopped (every rank). The last "

@@ -177,10 +177,12 @@ class TrainConfig(Section):
     )
     distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto",
-        description="Several processes (torchrun --nproc-per-node N -m tunelab train ...): ddp "
-        "splits each step's micro-batches across them and sums the gradients, so the step is "
-        "the one-process step (docs/distributed.md). auto: ddp when torchrun started several "
-        "processes, none for one. fsdp (sharded parameters) is not available yet.",
+        description="Several processes (torchrun --nproc-per-node N -m tunelab train ...): each "
+        "step's micro-batches are split across them and the gradients summed, so the step is "
+        "the one-process step (docs/distributed.md). ddp: every process holds the model; fsdp "
+        "(full fine-tuning): each decoder layer's weights, gradients and AdamW state sharded, "
+        "checkpoints sharded. auto: fsdp for full fine-tuning, ddp for the other methods, none "
+        "for one process.",
     )
     distributed_timeout_s: int = Field(
         600, gt=0,

@@ -163,7 +163,8 @@ class RunPlan:
             ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
-            ("processes", self.distributed[1] or "one"),
+            ("processes", f"{self.distributed[1]}; memory per process: tunelab plan --nproc "
+                          f"{self.world.size}" if self.world.several else self.distributed[1] or "one"),
             ("checkpoints", f"every {self.save_steps} steps, last {t.keep_last} kept"),
             ("final weights", self.keep),
             ("fingerprint", ", ".join(f"{k}={v}" for k, v in self.fingerprint.items()
