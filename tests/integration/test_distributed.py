@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.integration.runs import final_weights, quiet
 from tunelab.checkpoint.manager import CheckpointManager, verify
@@ -116,6 +117,22 @@ def test_two_processes_train_the_one_process_run(tmp_path, model_dir, data_file,
             p.name for p in (ours / "checkpoints" / "step-000005" / "sharded").iterdir()
         )
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_fsdp_final_is_the_best_checkpoint_read_back_from_its_shards(
+    tmp_path, model_dir, data_file
+):
+    """train.keep=best under fsdp: final/ holds the best checkpoint's weights — here step 0's
+    (saved before the first step, without optimizer state): a learning rate of 1 makes every
+    later evaluation worse."""
+    done = torchrun(2, overrides(tmp_path, model_dir, data_file, "two", *FULL, "train.lr=1.0",
+                                 "train.max_steps=3"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (result["keep"], result["final_step"], result["distributed"]) == ("best", 0, "fsdp")
+    got, base = final_weights(tmp_path / "two"), final_weights(model_dir.parent, model_dir.name)
+    assert got.keys() == base.keys() and got
+    assert all(torch.equal(got[k], base[k]) for k in base)
 
 
 KINDS = {"ddp": [], "fsdp": FULL}  # LoRA (replicated) and full fine-tuning (sharded)
