@@ -7,15 +7,23 @@ model, and runs its share of each optimizer step's micro-batches: micro-batch ``
 goes to rank ``i mod N``. Every rank divides by the *whole step's* loss weight (computed from
 the shared plan, so it is the very number one process divides by), so each rank's gradient is
 its share of the one-big-batch gradient, and one all-reduce (a sum, not a mean) of the trained
-parameters' gradients gives every rank that gradient exactly — the same optimizer step as one process (RELIABILITY 1), whatever ``N``.
+parameters' gradients gives every rank that gradient exactly — the same optimizer step as one
+process (RELIABILITY 1), whatever ``N``.
 Clipping, the NaN guard and early stopping see the same numbers on every rank, so every rank
-decides the same. Rank 0 alone writes the run folder (logs, checkpoints, plots, final/).
+decides the same. Rank 0 alone writes the run folder (logs, checkpoints, plots, final/) —
+under fsdp every rank writes its own shards into rank 0's checkpoint folder.
 
 Why not ``torch.nn.parallel.DistributedDataParallel``: its reducer averages gradients over the
 ranks (the per-rank mean, wrong when ranks hold different loss weights) and needs every forward
 to pass through its wrapper, while the fused LM head (models/nll.py) calls the decoder and the
 head apart. One flat all-reduce per step costs what DDP's buckets cost without the overlap with
 the backward pass, which matters little for adapters (a few MiB) — docs/distributed.md.
+
+Full fine-tuning is sharded instead (``fsdp``, FSDP2's ``fully_shard`` on each decoder layer,
+:func:`shard`): each rank keeps 1/N of every layer's weights, gradients and AdamW state, the
+layers' gradients are reduce-scattered as sums, every rank makes as many forward passes as the
+busiest (:func:`passes`), the norm is clipped over the shards (:func:`clip_gradients`) and the
+checkpoints are sharded (checkpoint/sharded.py).
 
 Backends: gloo on a CPU, NCCL on CUDA. Every collective has a timeout
 (``train.distributed_timeout_s``), so a rank that dies cannot leave the others waiting forever;
@@ -163,9 +171,10 @@ def stop() -> None:
 
 def choose_distributed(setting: str, world: World, method) -> tuple[str, str]:
     """(none | ddp | fsdp, why) for ``train.distributed`` in a job of ``world.size`` processes
-    training with ``method`` (a :class:`~tunelab.models.methods.base.Method`); a setting that cannot hold is refused here, before any weights
-    load. auto: fsdp for full fine-tuning (its parameters, gradients and AdamW state are what
-    fills a device), ddp for adapters and frozen layers (small gradients: replicate)."""
+    training with ``method`` (a :class:`~tunelab.models.methods.base.Method`); a setting that
+    cannot hold is refused here, before any weights load. auto: fsdp for full fine-tuning (its
+    parameters, gradients and AdamW state are what fills a device), ddp for adapters and frozen
+    layers (small gradients: replicate)."""
     if setting == "fsdp" and not method.shardable:
         raise ConfigError(
             f"train.distributed: 'fsdp' shards full fine-tuning (method.name=full); with "
