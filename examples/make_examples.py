@@ -710,6 +710,95 @@ PLURALS = [
 ]  # fmt: skip
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
+# Added after the first 60 questions (which stay as they were, in order): more of the same kind,
+# so that a 95 % interval can tell remedies apart. Every answer is one word, letter or number
+# that a reply must contain as a whole word, and never a word of the question itself.
+MORE_CAPITALS = [
+    ("the United Kingdom", "London"), ("China", "Beijing"), ("Russia", "Moscow"),
+    ("Ireland", "Dublin"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Hungary", "Budapest"),
+    ("Belgium", "Brussels"), ("the Czech Republic", "Prague"), ("Thailand", "Bangkok"),
+    ("South Korea", "Seoul"), ("Cuba", "Havana"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Turkey", "Ankara"), ("the Philippines", "Manila"), ("Vietnam", "Hanoi"),
+    ("Chile", "Santiago"), ("Venezuela", "Caracas"), ("Saudi Arabia", "Riyadh"),
+    ("New Zealand", "Wellington"),
+]  # fmt: skip
+MORE_SUMS = 12  # small-number arithmetic, drawn after the first 14 sums
+MORE_OPPOSITES = [
+    ("left", "right"), ("true", "false"), ("black", "white"), ("wet", "dry"), ("push", "pull"),
+    ("inside", "outside"), ("above", "below"), ("north", "south"), ("east", "west"),
+    ("buy", "sell"), ("thick", "thin"), ("always", "never"), ("top", "bottom"), ("asleep", "awake"),
+    ("rich", "poor"), ("remember", "forget"), ("deep", "shallow"), ("war", "peace"),
+    ("alive", "dead"), ("wide", "narrow"),
+]  # fmt: skip
+MORE_PLURALS = [
+    ("man", "men"), ("goose", "geese"), ("leaf", "leaves"), ("wolf", "wolves"), ("baby", "babies"),
+    ("bus", "buses"), ("fox", "foxes"), ("potato", "potatoes"), ("ox", "oxen"), ("wife", "wives"),
+    ("church", "churches"), ("story", "stories"), ("half", "halves"), ("shelf", "shelves"),
+]  # fmt: skip
+MONTHS = [
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+]  # fmt: skip
+COUNTS = [
+    ("How many legs does a spider have?", 8), ("How many legs does an insect have?", 6),
+    ("How many legs does a dog have?", 4), ("How many legs does a chicken have?", 2),
+    ("How many arms does an octopus have?", 8), ("How many days are there in a week?", 7),
+    ("How many months are there in a year?", 12), ("How many hours are there in a day?", 24),
+    ("How many minutes are there in an hour?", 60), ("How many seconds are there in a minute?", 60),
+    ("How many days are there in a leap year?", 366),
+    ("How many years are there in a century?", 100), ("How many years are there in a decade?", 10),
+    ("How many sides does a triangle have?", 3), ("How many sides does a square have?", 4),
+    ("How many sides does a hexagon have?", 6), ("How many wheels does a bicycle have?", 2),
+    ("How many wheels does a tricycle have?", 3),
+    ("How many letters are there in the English alphabet?", 26),
+    ("How many centimetres are there in a metre?", 100),
+]  # fmt: skip
+COLOURS = [
+    ("a ripe banana", "yellow"), ("grass", "green"), ("a clear daytime sky", "blue"),
+    ("fresh snow", "white"), ("coal", "black"), ("a ripe tomato", "red"),
+    ("a ripe lemon", "yellow"), ("milk", "white"), ("blood", "red"), ("an emerald", "green"),
+    ("a ruby", "red"), ("a crow", "black"), ("a flamingo", "pink"), ("a carrot", "orange"),
+]  # fmt: skip
+YOUNG = [
+    ("cat", "kitten"), ("dog", "puppy"), ("cow", "calf"), ("sheep", "lamb"), ("duck", "duckling"),
+    ("frog", "tadpole"), ("goat", "kid"), ("bear", "cub"), ("kangaroo", "joey"), ("pig", "piglet"),
+    ("goose", "gosling"), ("deer", "fawn"), ("chicken", "chick"),
+]  # fmt: skip
+SOUNDS = [
+    ("a cow", "moo"), ("a duck", "quack"), ("a snake", "hiss"), ("a bee", "buzz"),
+    ("an owl", "hoot"),
+]  # fmt: skip
+PAST_TENSES = [
+    ("go", "went"), ("eat", "ate"), ("see", "saw"), ("run", "ran"), ("take", "took"),
+    ("write", "wrote"), ("swim", "swam"), ("sing", "sang"), ("drink", "drank"), ("buy", "bought"),
+    ("think", "thought"), ("bring", "brought"), ("catch", "caught"), ("teach", "taught"),
+    ("fly", "flew"), ("give", "gave"), ("know", "knew"), ("speak", "spoke"),
+]  # fmt: skip
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS_AFTER = "BEGKMR"  # never asks for "A" or "I", which are everyday words too
+LETTERS_BEFORE = "DPUZ"
+FACTS = [
+    ("What is the largest planet in the solar system?", "Jupiter"),
+    ("Which planet is closest to the Sun?", "Mercury"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("What is the largest ocean on Earth?", "Pacific"),
+    ("What is the tallest animal in the world?", "giraffe"),
+    ("What is the fastest land animal?", "cheetah"),
+    ("What is the largest continent?", "Asia"),
+    ("What is the highest mountain in the world?", "Everest"),
+    ("What is the largest country in the world by area?", "Russia"),
+    ("Which gas do humans need to breathe to stay alive?", "oxygen"),
+    ("Which organ pumps blood around the body?", "heart"),
+    ("What sweet food do bees make?", "honey"),
+    ("What is frozen water called?", "ice"),
+    ("What is the currency of Japan?", "yen"),
+]
+LANGUAGES = [
+    ("Brazil", "Portuguese"), ("France", "French"), ("Germany", "German"), ("Mexico", "Spanish"),
+    ("Japan", "Japanese"), ("Italy", "Italian"), ("Russia", "Russian"),
+]  # fmt: skip
+
 
 def make_general(rng: random.Random) -> list[dict]:
     qa: list[tuple[str, str]] = []
@@ -738,10 +827,67 @@ def make_general(rng: random.Random) -> list[dict]:
         qa.append((f"What day comes after {day}? Answer with one word.", DAYS[(i + 1) % 7]))
     for i, day in enumerate(DAYS[:6]):
         qa.append((f"What day comes before {DAYS[i + 1]}? Answer with one word.", day))
+    qa.extend(_more_general(rng, pairs))
     return [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in qa
     ]
+
+
+def _more_general(rng: random.Random, pairs: set[tuple[str, int, int]]) -> list[tuple[str, str]]:
+    """The questions after the first 60; ``rng`` and ``pairs`` go on from the first 14 sums."""
+    one_word = "Answer with one word."
+    qa: list[tuple[str, str]] = []
+    for country, capital in MORE_CAPITALS:
+        qa.append((f"What is the capital of {country}? Answer with the city name only.", capital))
+    wanted = len(pairs) + MORE_SUMS
+    while len(pairs) < wanted:
+        op = rng.choice(["+", "-", "×"])
+        a, b = (
+            (rng.randint(2, 9), rng.randint(2, 9))
+            if op == "×"
+            else (rng.randint(1, 20), rng.randint(1, 20))
+        )
+        if op == "-" and b > a:
+            a, b = b, a
+        result = a + b if op == "+" else a - b if op == "-" else a * b
+        if (op, a, b) in pairs or result in (0, a, b):  # no "7 - 7", no answer in the question
+            continue
+        pairs.add((op, a, b))
+        qa.append((f"What is {a} {op} {b}? Answer with the number only.", str(result)))
+    for word, opposite in MORE_OPPOSITES:
+        qa.append((f'What is the opposite of "{word}"? {one_word}', opposite))
+    for word, plural in MORE_PLURALS:
+        qa.append((f'What is the plural of "{word}"? {one_word}', plural))
+    for i, month in enumerate(MONTHS):
+        qa.append((f"What month comes after {month}? {one_word}", MONTHS[(i + 1) % 12]))
+    for i, month in enumerate(MONTHS[:11]):
+        qa.append((f"What month comes before {MONTHS[i + 1]}? {one_word}", month))
+    for question, number in COUNTS:
+        qa.append((f"{question} Answer with the number only.", str(number)))
+    for thing, colour in COLOURS:
+        qa.append((f"What colour is {thing}? {one_word}", colour))
+    for animal, young in YOUNG:
+        qa.append((f"What is a baby {animal} called? {one_word}", young))
+    for animal, sound in SOUNDS:
+        qa.append((f"What sound does {animal} make? {one_word}", sound))
+    for verb, past in PAST_TENSES:
+        qa.append((f'What is the past tense of "{verb}"? {one_word}', past))
+    for letter in LETTERS_AFTER:
+        after = ALPHABET[ALPHABET.index(letter) + 1]
+        qa.append(
+            (f"What letter comes after {letter} in the alphabet? Answer with one letter.", after)
+        )
+    for letter in LETTERS_BEFORE:
+        before = ALPHABET[ALPHABET.index(letter) - 1]
+        qa.append(
+            (f"What letter comes before {letter} in the alphabet? Answer with one letter.", before)
+        )
+    for question, answer in FACTS:
+        qa.append((f"{question} {one_word}", answer))
+    for country, language in LANGUAGES:
+        qa.append((f"What language is mainly spoken in {country}? {one_word}", language))
+    return qa
 
 
 # --------------------------------------------------------------------------- bad/ files

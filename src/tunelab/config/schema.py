@@ -243,6 +243,18 @@ class DataConfig(Section):
         "drop", description="What to do with longer sequences."
     )
     dedup: bool = Field(False, description="Drop exact duplicate records before training.")
+    replay: str | None = Field(
+        None,
+        description="Keep what the model knew (docs/forgetting.md): a share of every step's "
+        "examples comes from this pool. A FILE in any supported format (general instruction "
+        "data, an earlier stage's data), or `self`: the base model's own answers to the "
+        "package's general prompts, generated once before training and cached in the run folder.",
+    )
+    replay_ratio: float = Field(
+        0.25, ge=0.0, lt=1.0,
+        description="With data.replay: the share of each step's sequences drawn from the replay "
+        "pool (rounded to whole sequences; the task examples fill the rest).",
+    )  # fmt: skip
     seed: int = Field(
         42, description="Seed for splits (the validation hold-out, `data split`) and shuffling."
     )

@@ -9,10 +9,17 @@ With ``max_tokens`` (``train.micro_batch_tokens``) each step keeps its sequences
 as few micro-batches as fit that many padded tokens (rows x the longest row), longest first.
 The step's gradient does not change — accumulation divides by the step's total loss weight — so
 this is a speed choice: fewer, fuller forwards.
+
+With ``replay_ratio`` (``data.replay``) every step holds ``replay_per_step`` examples of a
+replay pool — indices ``n ..`` after the ``n`` task examples, attached by
+:func:`tunelab.train.replay.attach` — and the task examples fill the rest: an epoch is a pass
+over the task examples. The pool is drawn in a shuffled order (a new shuffle each time it is
+used up), a pure function of the seed and the global step, so a resumed run draws the same.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -28,19 +35,29 @@ class StepPlan:
         seed: int,
         group_by_length: bool = True,
         max_tokens: int | None = None,
+        replay_per_step: int = 0,
     ):
         if not lengths:
             raise ValueError("no examples to plan")
+        if not 0 <= replay_per_step < micro_batch_size * grad_accum:
+            raise ValueError(f"replay_per_step {replay_per_step} must leave room for the task")
         self.lengths = list(lengths)
+        self.n = len(self.lengths)  # the task examples; a replay pool's come after
         self.mbs = micro_batch_size
         self.ga = grad_accum
         self.seed = seed
         self.group = group_by_length
         self.max_tokens = max_tokens
+        self.replay_per_step = replay_per_step
+        self.replay = 0  # the replay pool's size, once attached
+
+    @property
+    def task_per_step(self) -> int:
+        return self.mbs * self.ga - self.replay_per_step
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.lengths) / (self.mbs * self.ga))
+        return math.ceil(self.n / self.task_per_step)
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
         if max_steps is not None:
@@ -49,7 +66,9 @@ class StepPlan:
 
     def epoch(self, epoch: int) -> list[list[list[int]]]:
         """The steps of one epoch; each step is a list of micro-batches of example indices."""
-        order = list(range(len(self.lengths)))
+        if self.replay_per_step:
+            return self._epoch_with_replay(epoch)
+        order = list(range(self.n))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         if self.group:
             window = self.mbs * 16
@@ -61,6 +80,40 @@ class StepPlan:
         micro = [order[i : i + self.mbs] for i in range(0, len(order), self.mbs)]
         steps = [micro[i : i + self.ga] for i in range(0, len(micro), self.ga)]
         return [self.regroup(step) for step in steps] if self.max_tokens else steps
+
+    def _epoch_with_replay(self, epoch: int) -> list[list[list[int]]]:
+        """Each step: ``task_per_step`` task examples (shuffled per epoch), longest first, then
+        its ``replay_per_step`` replay examples, cut into micro-batches. Before the pool is
+        attached (self-rehearsal's is generated after planning) the steps hold their task
+        examples only: what planning estimates from, never what trains (recipe.train checks)."""
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        steps = []
+        for j, start in enumerate(range(0, self.n, self.task_per_step)):
+            task = order[start : start + self.task_per_step]
+            if self.group:
+                task.sort(key=lambda i: -self.lengths[i])
+            seqs = task + (self.replayed(epoch * self.steps_per_epoch + j) if self.replay else [])
+            micro = [seqs[i : i + self.mbs] for i in range(0, len(seqs), self.mbs)]
+            steps.append(self.regroup(micro) if self.max_tokens else micro)
+        return steps
+
+    def replayed(self, global_step: int) -> list[int]:
+        """The replay examples of a step: the next ``replay_per_step`` of the pool's order,
+        shuffled anew (seeded) each time the pool is used up."""
+        out = []
+        for p in range(
+            global_step * self.replay_per_step, (global_step + 1) * self.replay_per_step
+        ):
+            cycle, at = divmod(p, self.replay)
+            out.append(self.n + self._replay_order(cycle, self.replay)[at])
+        return out
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of plans live at once
+    def _replay_order(self, cycle: int, size: int) -> list[int]:
+        order = list(range(size))
+        random.Random(self.seed * 1_000_003 + 7_919 * (cycle + 1)).shuffle(order)
+        return order
 
     def regroup(self, step: list[list[int]]) -> list[list[int]]:
         """The step's sequences, longest first, cut into micro-batches of at most

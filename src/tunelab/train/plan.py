@@ -38,6 +38,7 @@ from tunelab.train.batches import StepPlan
 from tunelab.train.distributed import ONE, World, choose_distributed
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
+from tunelab.train.replay import check_replay, plan_replay, replay_per_step
 from tunelab.train.speed import choose_compile, choose_packing, pad_multiple
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
@@ -80,6 +81,8 @@ class RunPlan:
     packing: tuple[bool, str] = (False, "")  # one row per micro-batch?, why (train.packing)
     world: World = ONE  # this process's rank among the job's (train/distributed.py)
     distributed: tuple[str, str] = ("none", "")  # none | ddp | fsdp, why (train.distributed)
+    replay: str = ""  # what the replay pool is (data.replay; train/replay.py), "" without
+    rehearsal: list[str] = field(default_factory=list)  # data.replay=self: the prompts to answer
 
     @property
     def fresh(self) -> bool:
@@ -163,6 +166,7 @@ class RunPlan:
             ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
+            ("replay", self.replay or "none"),
             ("processes", f"{self.distributed[1]}; memory per process: tunelab plan --nproc "
                           f"{self.world.size}" if self.world.several else self.distributed[1] or "one"),
             ("checkpoints", f"every {self.save_steps} steps, last {t.keep_last} kept"),
@@ -198,6 +202,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     method.check(placement)
     distributed = choose_distributed(cfg.train.distributed, world, method)
     objective = get_objective(cfg)
+    check_replay(cfg, objective)
     # one folder for all ranks: rank 0 names it (a name with the time could differ by a second)
     run_dir = world.share(run_folder(cfg, resume) if world.main or not world.joined else None)
     examples = load_examples(cfg.data.path, cfg.data)
@@ -211,12 +216,9 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     train, val, dropped, truncated = datasets(cfg, tokenizer, examples, val_examples)
     objective_notes = objective.prepare(train, val, cfg)
     t = cfg.train
-    if t.micro_batch_tokens and not objective.can_pack:
-        raise ConfigError(f"train.micro_batch_tokens works with train.objective=sft only "
-                          f"({objective.name} batches pairs); remove it")  # fmt: skip
-    steps = StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
-                     grad_accum=t.grad_accum, seed=t.seed, max_tokens=t.micro_batch_tokens)  # fmt: skip
+    steps = step_plan(cfg, objective, train)
     total = steps.total_steps(t.epochs, t.max_steps)
+    replay, rehearsal = plan_replay(cfg, tokenizer, train, steps, total)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
     packing = choose_packing(t.packing, objective, steps, model_config, method.trains_base)
     compiled = choose_compile(t.compile, total)
@@ -240,8 +242,20 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
         attention=training_attention(placement.device.type, longest),
-        compile=compiled, packing=packing, world=world, distributed=distributed,
+        compile=compiled, packing=packing, world=world, distributed=distributed, replay=replay,
+        rehearsal=rehearsal,
     )  # fmt: skip
+
+
+def step_plan(cfg: Config, objective, train: list) -> StepPlan:
+    """Which examples make each optimizer step (train/batches.py)."""
+    t = cfg.train
+    if t.micro_batch_tokens and not objective.can_pack:
+        raise ConfigError(f"train.micro_batch_tokens works with train.objective=sft only "
+                          f"({objective.name} batches pairs); remove it")  # fmt: skip
+    return StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
+                    grad_accum=t.grad_accum, seed=t.seed, max_tokens=t.micro_batch_tokens,
+                    replay_per_step=replay_per_step(cfg))  # fmt: skip
 
 
 def load_resume_config(run_dir: Path, overrides: list[str]) -> Config:
@@ -274,6 +288,8 @@ def run_fingerprint(cfg: Config, *, read_weights: bool = True) -> dict:
     }
     if cfg.data.val_path:
         fp["data.val_path"] = file_sha256(cfg.data.val_path)[:16]
+    if cfg.data.replay and cfg.data.replay != "self":
+        fp["data.replay_file"] = file_sha256(cfg.data.replay)[:16]
     for section in ("method", "data"):
         for k, v in getattr(cfg, section).model_dump(mode="json").items():
             if k not in NOT_TRAINING_DATA:

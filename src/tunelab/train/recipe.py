@@ -161,13 +161,16 @@ def announce(run: Run, log=print) -> None:
         + ", "
         f"method {plan.method.describe()}: "
         f"{trainable:,} of {total:,} parameters trained\n"
-        f"data: {len(plan.train)} train / {len(plan.val)} val examples"
+        f"data: {plan.steps.n} train / {len(plan.val)} val examples"
         + (f" ({plan.truncation()})" if plan.truncation() else "")
         + f"; {plan.total_steps} steps of {t.micro_batch_size} x {t.grad_accum}, eval every {plan.eval_steps}"
+        + (f"\nreplay: {plan.replay}" if plan.replay else "")
     )
 
 
 def train(run: Run, log=print) -> Outcome:
+    if run.plan.steps.replay_per_step and not run.plan.steps.replay:
+        raise ValueError("data.replay: the replay pool was never attached (workflow/rehearse.py)")
     if run.plan.fresh:  # the data order and dropout do not depend on what ran before the loop
         torch.manual_seed(run.plan.cfg.train.seed)
     if run.plan.placement.device.type == "cuda":
@@ -238,7 +241,8 @@ def _result(run: Run, outcome: Outcome, final_step: int, note: str) -> dict:
         "device_name": device_name(plan.placement.device.type), "world_size": plan.world.size,
         "distributed": plan.distributed[0], "precision": plan.placement.precision, "attention": plan.attention, "compiled": plan.compile[0], "packed": plan.packing[0],
         "train_flops_per_token": plan.flops_per_token(),
-        "train_examples": len(plan.train), "val_examples": len(plan.val), "dropped": plan.dropped,
+        "train_examples": plan.steps.n, "val_examples": len(plan.val), "dropped": plan.dropped,
+        "replay": plan.replay or None,
         "truncated": plan.truncated, "truncation": plan.truncation() or None,
         "steps": state.step, "steps_run": outcome.steps_run,
         "resumed_from": None if plan.fresh else CheckpointManager.step_of(plan.resume_from),

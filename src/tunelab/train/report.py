@@ -253,6 +253,7 @@ def _setup(out: _Lines) -> None:
         _count(pick("val_records", "val_examples"), "validation records"),
         _count(pick("train_tokens", "tokens"), "tokens"), pick("truncation"))  # fmt: skip
     out.used.update(("truncated", "dropped") if "truncation" in info else ())
+    add("Replay", pick("replay"))
     resumed, ran = pick("resumed_from"), pick("steps_run")
     add("Progress", _count(pick("steps"), "steps"), _count(pick("epochs"), "epochs"),
         pick("stopped_early") and "stopped early",

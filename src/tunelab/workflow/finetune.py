@@ -29,6 +29,7 @@ from tunelab.models.device import choose_placement
 from tunelab.train.distributed import ONE, World, start, stop, world_from_env
 from tunelab.train.plan import RunPlan, build_plan
 from tunelab.train.recipe import finish, prepare, train
+from tunelab.workflow.rehearse import rehearse
 
 
 def plan_finetune(cfg: Config, *, resume: Path | None = None, read_weights: bool = True,
@@ -60,6 +61,7 @@ def _silent(*_args, **_kwargs) -> None:
 def _finetune(cfg: Config, resume: Path | None, progress, log, world: World) -> Path:
     plan = plan_finetune(cfg, resume=resume, world=world)
     run = prepare(plan, progress=progress, log=log)
+    rehearse(run, log, world)  # data.replay=self: the base model's answers, before any step
     general = cfg.eval.at_end and cfg.eval.general_data is not None
     before = None
     if (
