@@ -89,7 +89,9 @@ def test_every_step_trains_on_its_share_of_the_replay_pool(tmp_path, model_dir, 
     assert n == 12 and len(steps) == 4
     for step in steps:
         assert len(step) == 4 and sorted(i >= n for i in step) == [False, False, True, True]
-    first = [i for step in steps[:2] for i in step if i >= n]  # the pool is used up before any repeats
+    first = [
+        i for step in steps[:2] for i in step if i >= n
+    ]  # the pool is used up before any repeats
     assert len(set(first)) == 4 and set(first) < set(range(n, n + 5))
     assert result["replay"] == f"{pool_file}: 5 examples; 2 of 4 sequences a step"
 
@@ -141,3 +143,15 @@ def test_a_replay_file_with_a_bad_record_is_named_by_line(tmp_path, model_dir, d
     assert code == 2 and "Traceback" not in err, err
     assert f"{bad}:2" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_changed_replay_file_is_not_resumed(tmp_path, model_dir, data_file, pool_file):
+    from tunelab.train.plan import ResumeError
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(pool_file.read_bytes())
+    run = finetune(config(tmp_path, model_dir, data_file, f"data.replay={pool}",
+                          "train.max_steps=2"), log=quiet)  # fmt: skip
+    pool.write_text(pool.read_text().replace("interesting", "dull"))
+    with pytest.raises(ResumeError, match="data.replay_file"):
+        finetune(load_config(run / "config.yaml", ["train.max_steps=3"]), resume=run, log=quiet)

@@ -120,7 +120,7 @@ def _torchrun(nproc: int) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "tunelab", *args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = _root_failure(e)
         if failure.exitcode == TunelabError.exit_code:  # the rank said why, above
             print(f"error: rank {rank} of {nproc} stopped on the error above; the job stopped "
                   "(every rank)", file=sys.stderr)  # fmt: skip
@@ -132,6 +132,20 @@ def _torchrun(nproc: int) -> None:
               f"--nproc {nproc}", file=sys.stderr)  # fmt: skip
         raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
     raise SystemExit(0)
+
+
+def _root_failure(error):
+    """(rank, failure) that ended the job: a rank that crashed or was killed rather than one
+    that stopped with a tunelab error because another had gone (their exit times can come in
+    either order); the first failure when every rank stopped with an error of its own."""
+    from tunelab.errors import TunelabError
+
+    crashed = sorted((f.timestamp, r) for r, f in error.failures.items()
+                     if f.exitcode != TunelabError.exit_code)  # fmt: skip
+    if crashed:
+        rank = crashed[0][1]
+        return rank, error.failures[rank]
+    return error.get_first_failure()
 
 
 def _print_result(run_dir: Path) -> None:

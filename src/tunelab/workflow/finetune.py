@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tunelab.config.schema import Config
 from tunelab.errors import DataError, Problem
+from tunelab.evaluate.compare import paired_bootstrap
 from tunelab.evaluate.metrics import load_user_metric
 from tunelab.evaluate.preference import evaluate_pairs, load_eval_data
 from tunelab.evaluate.run import (
@@ -25,6 +26,7 @@ from tunelab.evaluate.run import (
     load_target,
     metric_failure_lines,
 )
+from tunelab.files import read_jsonl
 from tunelab.models.device import choose_placement
 from tunelab.train.distributed import ONE, World, start, stop, world_from_env
 from tunelab.train.plan import RunPlan, build_plan
@@ -133,7 +135,7 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print,
         a = after["metrics"].get("contains")
         if isinstance(a, float) and isinstance(b, float):
             lines.append(f"general ability (forgetting check, answer contained): {b:.3f} before -> "
-                         f"{a:.3f} after ({a - b:+.3f})")  # fmt: skip
+                         f"{a:.3f} after ({a - b:+.3f}{forgetting_interval(run_dir)})")  # fmt: skip
         else:
             lines.append(f"general ability after training: {headline(after)}")
     for line in lines:
@@ -142,6 +144,20 @@ def evaluate_at_end(cfg: Config, run_dir: Path, before: dict | None, log=print,
         f.write("\n## Evaluation at the end\n\n" + "".join(f"- {line}\n" for line in lines))
     if cfg.eval.data and not pairs:  # a metric that never ran is an error, once all is written
         check_metric_ran(meta, run_dir / "eval" / "finetuned")
+
+
+def forgetting_interval(run_dir: Path) -> str:
+    """The change's 95 % paired bootstrap interval over the forgetting check's questions (each
+    answered before and after): ", 95 % CI -0.31 to -0.15"; "" when they cannot be paired."""
+    scores = []
+    for name in ("general-before", "general-after"):
+        rows = read_jsonl(run_dir / "eval" / name / "predictions.jsonl")
+        scores.append({r["index"]: r["scores"].get("contains") for _, r in rows})
+    keys = sorted(k for k in scores[0] if scores[0][k] is not None and scores[1].get(k) is not None)
+    if not keys:
+        return ""
+    _, lo, hi = paired_bootstrap([scores[0][k] for k in keys], [scores[1][k] for k in keys])
+    return f", 95 % CI {lo:+.3f} to {hi:+.3f}"
 
 
 def _same_precision(cfg: Config, plan: RunPlan) -> bool:
