@@ -389,6 +389,25 @@ class PlanConfig(Section):
     )  # fmt: skip
 
 
+class StageConfig(Section):
+    """One stage of a run in stages (docs/forgetting.md): its data, learning rate and length,
+    and which earlier stages it replays; it starts from the previous stage's weights."""
+
+    name: str = Field(..., min_length=1, description="The stage's name (replay refers to it).")
+    data: str = Field(..., description="The stage's training data (any supported format).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default train.lr).")
+    epochs: float | None = Field(
+        None, gt=0, description="Epochs over its data (default train.epochs)."
+    )
+    max_steps: int | None = Field(None, gt=0, description="Steps instead of epochs.")
+    replay: list[str] = Field(
+        default_factory=list, description="Earlier stages whose data this stage replays."
+    )
+    replay_ratio: float = Field(
+        0.25, ge=0.0, lt=1.0, description="Share of each step's sequences from the replayed stages."
+    )
+
+
 class Config(Section):
     """The whole configuration of a tunelab run."""
 
@@ -401,3 +420,24 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="Train in stages, one after another in one run folder (each from the last "
+        "one's weights); data.path is then unused, the validation set is data.val_path or the "
+        "last stage's data.val_ratio share.",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_references(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        seen: list[str] = []
+        for i, stage in enumerate(stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}].name: {stage.name!r} is used by an earlier stage")
+            for name in stage.replay:
+                if name not in seen:
+                    earlier = ", ".join(seen) or "none"
+                    raise ValueError(f"stages[{i}].replay: no earlier stage named {name!r} "
+                                     f"(earlier stages: {earlier})")  # fmt: skip
+            seen.append(stage.name)
+        return stages

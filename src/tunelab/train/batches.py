@@ -126,6 +126,15 @@ class StepPlan:
                 out.append([i])
         return out
 
+    def progress(self, global_step: int) -> float:
+        """Epochs done once step ``global_step`` (0-based) is: 1.5 halfway through the second."""
+        epoch, within = divmod(global_step, self.steps_per_epoch)
+        return round(epoch + (within + 1) / self.steps_per_epoch, 4)
+
+    def marks(self, global_step: int) -> dict:
+        """What a step's log record says of where it is besides the epoch (stages: the stage)."""
+        return {}
+
     def step(self, global_step: int) -> tuple[int, list[list[int]]]:
         """(epoch, micro-batches) of a global step, 0-based."""
         epoch, within = divmod(global_step, self.steps_per_epoch)

@@ -93,7 +93,7 @@ def optimizer_step(run: Run) -> dict:
     """One optimizer step: forward and backward every micro-batch, clip, step; the log record."""
     plan, state = run.plan, run.state
     step = state.step
-    epoch, micro = plan.steps.step(step)
+    _, micro = plan.steps.step(step)
     plan.method.on_step(run.model, step)
     t0 = time.perf_counter()
     world = plan.world
@@ -126,10 +126,9 @@ def optimizer_step(run: Run) -> dict:
     if plan.placement.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    per_epoch = plan.steps.steps_per_epoch
     return {
-        "step": step + 1, "order": zlib.crc32(repr(micro).encode()),
-        "epoch": round(epoch + (step % per_epoch + 1) / per_epoch, 4), "loss": loss, "lr": lr,
+        "step": step + 1, "order": zlib.crc32(repr(micro).encode()), **plan.steps.marks(step),
+        "epoch": plan.steps.progress(step), "loss": loss, "lr": lr,
         "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None, "seconds": round(dt, 3),
         **plan.objective.pop_stats(), **({} if ok else {"nan_skipped": True}),
     }  # fmt: skip

@@ -40,6 +40,7 @@ from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
 from tunelab.train.replay import check_replay, plan_replay, replay_per_step
 from tunelab.train.speed import choose_compile, choose_packing, pad_multiple
+from tunelab.train.stages import StagedSteps, check_stages, staged_steps
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_steps", "save_steps", "keep_last", "keep", "early_stopping_patience",
@@ -167,6 +168,7 @@ class RunPlan:
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
             ("replay", self.replay or "none"),
+            *([("stages", self.steps.describe())] if self.cfg.stages else []),
             ("processes", f"{self.distributed[1]}; memory per process: tunelab plan --nproc "
                           f"{self.world.size}" if self.world.several else self.distributed[1] or "one"),
             ("checkpoints", f"every {self.save_steps} steps, last {t.keep_last} kept"),
@@ -205,7 +207,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     check_replay(cfg, objective)
     # one folder for all ranks: rank 0 names it (a name with the time could differ by a second)
     run_dir = world.share(run_folder(cfg, resume) if world.main or not world.joined else None)
-    examples = load_examples(cfg.data.path, cfg.data)
+    examples = load_examples(training_data(cfg), cfg.data)
     val_examples = load_examples(cfg.data.val_path, cfg.data) if cfg.data.val_path else None
     objective.check_data(examples + (val_examples or []))
     model_config = load_model_config(cfg.model.name)
@@ -216,7 +218,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     train, val, dropped, truncated = datasets(cfg, tokenizer, examples, val_examples)
     objective_notes = objective.prepare(train, val, cfg)
     t = cfg.train
-    steps = step_plan(cfg, objective, train)
+    steps = step_plan(cfg, objective, train, tokenizer)
     total = steps.total_steps(t.epochs, t.max_steps)
     replay, rehearsal = plan_replay(cfg, tokenizer, train, steps, total)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
@@ -247,9 +249,11 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     )  # fmt: skip
 
 
-def step_plan(cfg: Config, objective, train: list) -> StepPlan:
-    """Which examples make each optimizer step (train/batches.py)."""
+def step_plan(cfg: Config, objective, train: list, tokenizer) -> StepPlan | StagedSteps:
+    """Which examples make each optimizer step (train/batches.py; in stages, train/stages.py)."""
     t = cfg.train
+    if cfg.stages:
+        return staged_steps(cfg, tokenizer, train)
     if t.micro_batch_tokens and not objective.can_pack:
         raise ConfigError(f"train.micro_batch_tokens works with train.objective=sft only "
                           f"({objective.name} batches pairs); remove it")  # fmt: skip
@@ -269,7 +273,8 @@ def run_folder(cfg: Config, resume: Path | None) -> Path:
     if resume is not None:
         return resume
     name = (
-        cfg.name or f"{Path(cfg.data.path).stem}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.name
+        or f"{Path(training_data(cfg)).stem}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     run_dir = Path(cfg.train.output_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -284,8 +289,10 @@ def run_fingerprint(cfg: Config, *, read_weights: bool = True) -> dict:
     the optimisation (not the ones that only extend or observe it)."""
     fp = {
         "model": model_fingerprint(cfg.model.name, read_weights=read_weights),
-        "data.path": file_sha256(cfg.data.path)[:16],
+        "data.path": file_sha256(training_data(cfg))[:16],
     }
+    for i, stage in enumerate(cfg.stages):
+        fp[f"stages.{i}"] = stage.model_dump(mode="json") | {"data": file_sha256(stage.data)[:16]}
     if cfg.data.val_path:
         fp["data.val_path"] = file_sha256(cfg.data.val_path)[:16]
     if cfg.data.replay and cfg.data.replay != "self":
@@ -350,8 +357,14 @@ def check_format(checkpoint: Path | None, distributed: str) -> None:
         )
 
 
+def training_data(cfg: Config) -> str | None:
+    """The file of the examples the run ends on: data.path, or the last stage's data."""
+    return cfg.stages[-1].data if cfg.stages else cfg.data.path
+
+
 def check_files(cfg: Config) -> None:
-    if not cfg.data.path:
+    check_stages(cfg)
+    if not training_data(cfg):
         raise ConfigError("data.path: missing (the training data file)")
     for key in ("path", "val_path"):
         value = getattr(cfg.data, key)
@@ -372,7 +385,7 @@ def datasets(cfg: Config, tokenizer, examples, val_examples):
     val = tokenize_examples(val_ex, tokenizer, val_cfg).examples if val_ex else []
     if len(report.examples) < cfg.train.micro_batch_size:
         raise DataError(
-            Problem(cfg.data.path, None, None,
+            Problem(training_data(cfg), None, None,
                     f"{len(report.examples)} usable training examples, fewer than one micro-batch "
                     f"(train.micro_batch_size={cfg.train.micro_batch_size})")
         )  # fmt: skip

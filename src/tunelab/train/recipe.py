@@ -35,6 +35,7 @@ from tunelab.train.optim import Schedule, build_optimizer
 from tunelab.train.plan import RunPlan, describe_reference
 from tunelab.train.reference import setup_reference
 from tunelab.train.report import MetricsLog, plot_losses, write_summary
+from tunelab.train.stages import StagedSchedule
 from tunelab.train.state import Outcome, TrainState
 
 
@@ -59,7 +60,8 @@ def prepare(plan: RunPlan, *, progress=None, log=print) -> Run:
     )
     fp16 = plan.placement.autocast_dtype == torch.float16
     run = Run(
-        plan=plan, model=model, optimizer=optimizer, schedule=Schedule(t, plan.total_steps),
+        plan=plan, model=model, optimizer=optimizer,
+        schedule=StagedSchedule(plan.cfg, plan.steps) if plan.cfg.stages else Schedule(t, plan.total_steps),
         scaler=torch.amp.GradScaler("cuda") if fp16 else None, state=TrainState(fingerprint=plan.fingerprint),
         metrics=MetricsLog(plan.run_dir / "metrics.jsonl"), checkpoints=CheckpointManager(plan.run_dir, t.keep_last),
         progress=progress, started=started, log=log,

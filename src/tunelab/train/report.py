@@ -95,6 +95,16 @@ PREFERENCE_PANELS = (
 )
 
 
+def _stage_starts(records: list[dict]) -> list[tuple[int, str]]:
+    """(first step, name) of each stage the log names, in order."""
+    starts, last = [], None
+    for r in records:
+        if "stage" in r and r["stage"] != last:
+            starts.append((r["step"], r["stage"]))
+            last = r["stage"]
+    return starts
+
+
 def plot_losses(records: list[dict], out_png: Path, *, title: str = "Training") -> Path:
     """Train loss per step (``loss``), eval loss (``eval_loss``) and, below, the learning rate
     (``lr``), against ``step``; a preference run adds its reward margin and reward accuracy
@@ -138,6 +148,11 @@ def plot_losses(records: list[dict], out_png: Path, *, title: str = "Training") 
         ax_lr.set_ylabel("learning rate")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax_lr.grid(alpha=0.3)
+    for at, name in _stage_starts(records):  # a run in stages: where each one begins
+        for each in axes:
+            each.axvline(at - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(name, (at - 0.5, 1), xycoords=("data", "axes fraction"), fontsize="small",
+                    ha="left", va="top", color="grey")  # fmt: skip
     axes[-1].set_xlabel("step")
 
     out_png = Path(out_png)

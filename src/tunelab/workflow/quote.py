@@ -110,6 +110,9 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
         load_model_config(cfg.model.name, need_weights=False), where=f"model.name {cfg.model.name}"
     )
     get_method(cfg.method).check_shape(shape)
+    if cfg.stages:
+        raise ConfigError("tunelab plan does not quote a run in stages yet; quote each stage's "
+                          "data as data.path")  # fmt: skip
     examples = load_examples(cfg.data.path, cfg.data)
     objective.check_data(examples)
     data = _cached_data_shape(cfg, examples)
