@@ -51,7 +51,7 @@ def test_unknown_section(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("trian:\n  lr: 1\n")
     assert (
-        f"{p}:1: trian: unknown key (allowed: name, model, method, data, train, eval, plan)"
+        f"{p}:1: trian: unknown key (allowed: name, model, method, data, train, eval, plan, stages)"
         in error_of(p)
     )
 
