@@ -97,7 +97,15 @@ def test_write_gives_a_config_train_accepts_with_the_advice(tmp_path, model_dir,
     assert cfg.method.name == "lora" and cfg.method.r == 16 and cfg.method.alpha == 32
     assert cfg.train.lr == 1e-3  # a tiny model: the top of LoRA's range
     assert cfg.data.path == str(data_file)  # everything not advised is kept
+    assert cfg.data.replay == "self"  # against forgetting (the study, docs/forgetting.md)
+    capsys.readouterr()
     assert main(["train", "--dry-run", str(out), "name=from-plan"]) == 0
+    assert "self-rehearsal: the base model's answers to" in capsys.readouterr().out
+    replaying = _args(tmp_path, model_dir, data_file, f"data.replay={data_file}")
+    assert main(["plan", "--json", *replaying]) == 0
+    assert "data.replay" not in {
+        a["setting"] for a in json.loads(capsys.readouterr().out)["advice"]
+    }
 
 
 def test_first_run_calibrates_the_time(tmp_path, model_dir, data_file):

@@ -101,3 +101,21 @@ def test_self_rehearsal_prompts_share_nothing_with_the_forgetting_check():
         assert not any(core in normalised(prompt) for core in cores), prompt
     assert rehearsal_prompts(42, 5) == rehearsal_prompts(42, 5) != rehearsal_prompts(1, 5)
     assert set(rehearsal_prompts(42, 5)) < set(prompts)
+
+
+def test_a_forgetting_drop_gets_the_studys_remedy_and_an_interval(tmp_path):
+    from tunelab.workflow.finetune import forgetting_advice, forgetting_interval
+
+    cfg = config()
+    assert "data.replay=self" in forgetting_advice(cfg, -0.161)[0]
+    assert "16.1 points" in forgetting_advice(cfg, -0.161)[0]
+    assert forgetting_advice(cfg, -0.04) == []
+    assert forgetting_advice(config("data.replay=self"), -0.2) == []
+    for name, scores in (("general-before", [1.0] * 40), ("general-after", [1.0, 0.0] * 20)):
+        folder = tmp_path / "eval" / name
+        folder.mkdir(parents=True)
+        rows = [{"index": i, "scores": {"contains": s}} for i, s in enumerate(scores)]
+        (folder / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    text = forgetting_interval(tmp_path)
+    lo, hi = (float(x) for x in re.findall(r"[+-]\d\.\d+", text))
+    assert text.startswith(", 95 % CI ") and -0.7 < lo < -0.5 < hi < -0.3  # a 0.5 drop
