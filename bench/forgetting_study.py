@@ -55,7 +55,7 @@ def scores(folder: Path, metric: str) -> dict[int, float]:
 
 
 def read_run(run: Path) -> dict:
-    from tunelab.workflow.finetune import forgetting_interval
+    from tunelab.evaluate.compare import paired_bootstrap
 
     result = json.loads((run / "result.json").read_text())
     task_meta = json.loads((run / "eval" / "finetuned" / "metrics.json").read_text())
@@ -65,10 +65,10 @@ def read_run(run: Path) -> dict:
     after = scores(run / "eval" / "general-after", "contains")
     keys = sorted(set(before) & set(after))
     b, a = np.mean([before[k] for k in keys]), np.mean([after[k] for k in keys])
-    interval = forgetting_interval(run)
+    _, lo, hi = paired_bootstrap([before[k] for k in keys], [after[k] for k in keys])
     return {
         "task_metric": metric, "task": task, "general_before": float(b), "general_after": float(a),
-        "general_change": float(a - b), "general_interval": interval, "general_questions": len(keys),
+        "general_change": float(a - b), "general_ci": [lo, hi], "general_questions": len(keys),
         "steps": result["steps"], "seconds": result["seconds"], "replay": result.get("replay"),
         "best_eval_loss": result.get("best_eval_loss"),
     }  # fmt: skip
@@ -81,7 +81,8 @@ def table(rows: dict, notes: dict) -> str:
         m, lo, hi = r["task"]
         lines.append(
             f"| {name} | {notes[name]} | {m:.1%} ({lo:.1%}–{hi:.1%}) | {r['general_before']:.1%} → "
-            f"{r['general_after']:.1%} | {r['general_change'] * 100:+.1f} pts{r['general_interval'].replace(', 95 % CI', ' (')}{')' if r['general_interval'] else ''} | {r['steps']} |"
+            f"{r['general_after']:.1%} | {r['general_change'] * 100:+.1f} pts "
+            f"({r['general_ci'][0] * 100:+.1f} to {r['general_ci'][1] * 100:+.1f}) | {r['steps']} |"
         )
     return "\n".join(lines) + "\n"
 
