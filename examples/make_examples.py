@@ -805,20 +805,7 @@ def make_general(rng: random.Random) -> list[dict]:
     for country, capital in CAPITALS:
         qa.append((f"What is the capital of {country}? Answer with the city name only.", capital))
     pairs: set[tuple[str, int, int]] = set()
-    while len(pairs) < 14:
-        op = rng.choice(["+", "-", "×"])
-        a, b = (
-            (rng.randint(2, 12), rng.randint(2, 12))
-            if op == "×"
-            else (rng.randint(3, 60), rng.randint(2, 40))
-        )
-        if op == "-" and b > a:
-            a, b = b, a
-        if (op, a, b) in pairs:
-            continue
-        pairs.add((op, a, b))
-        result = a + b if op == "+" else a - b if op == "-" else a * b
-        qa.append((f"What is {a} {op} {b}? Answer with the number only.", str(result)))
+    qa += _sums(rng, pairs, 14, times=(2, 12), plus=((3, 60), (2, 40)))
     for word, opposite in OPPOSITES:
         qa.append((f'What is the opposite of "{word}"? Answer with one word.', opposite))
     for word, plural in PLURALS:
@@ -834,27 +821,35 @@ def make_general(rng: random.Random) -> list[dict]:
     ]
 
 
+def _sums(rng, pairs, count, *, times, plus, strict=False) -> list[tuple[str, str]]:
+    """``count`` new arithmetic questions (``pairs``: those drawn so far); ``strict``: no answer
+    of 0 and none that appears in its question."""
+    out, wanted = [], len(pairs) + count
+    while len(pairs) < wanted:
+        op = rng.choice(["+", "-", "×"])
+        a, b = (
+            (rng.randint(*times), rng.randint(*times))
+            if op == "×"
+            else (rng.randint(*plus[0]), rng.randint(*plus[1]))
+        )
+        if op == "-" and b > a:
+            a, b = b, a
+        result = a + b if op == "+" else a - b if op == "-" else a * b
+        if (op, a, b) in pairs or (strict and result in (0, a, b)):
+            continue
+        pairs.add((op, a, b))
+        out.append((f"What is {a} {op} {b}? Answer with the number only.", str(result)))
+    return out
+
+
 def _more_general(rng: random.Random, pairs: set[tuple[str, int, int]]) -> list[tuple[str, str]]:
     """The questions after the first 60; ``rng`` and ``pairs`` go on from the first 14 sums."""
     one_word = "Answer with one word."
     qa: list[tuple[str, str]] = []
     for country, capital in MORE_CAPITALS:
         qa.append((f"What is the capital of {country}? Answer with the city name only.", capital))
-    wanted = len(pairs) + MORE_SUMS
-    while len(pairs) < wanted:
-        op = rng.choice(["+", "-", "×"])
-        a, b = (
-            (rng.randint(2, 9), rng.randint(2, 9))
-            if op == "×"
-            else (rng.randint(1, 20), rng.randint(1, 20))
-        )
-        if op == "-" and b > a:
-            a, b = b, a
-        result = a + b if op == "+" else a - b if op == "-" else a * b
-        if (op, a, b) in pairs or result in (0, a, b):  # no "7 - 7", no answer in the question
-            continue
-        pairs.add((op, a, b))
-        qa.append((f"What is {a} {op} {b}? Answer with the number only.", str(result)))
+    # no "7 - 7", no answer in the question
+    qa += _sums(rng, pairs, MORE_SUMS, times=(2, 9), plus=((1, 20), (1, 20)), strict=True)
     for word, opposite in MORE_OPPOSITES:
         qa.append((f'What is the opposite of "{word}"? {one_word}', opposite))
     for word, plural in MORE_PLURALS:

@@ -23,3 +23,14 @@ def data_file(tmp_path_factory):
         ]})  # fmt: skip
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def general_file(tmp_path_factory):
+    """8 general conversations the task data never has: a replay pool, a first stage."""
+    path = tmp_path_factory.mktemp("general") / "general.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about topic {i}."},
+                          {"role": "assistant", "content": f"Topic {i} is a fine topic."}]}
+            for i in range(8)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

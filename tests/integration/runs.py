@@ -52,3 +52,19 @@ def halt_after(step, seen=None):
             raise Interrupted(step)
 
     return progress
+
+
+def record_steps(monkeypatch) -> list[list[int]]:
+    """Every optimizer step's example indices, as the loop asks for their batches (filled as a
+    run goes)."""
+    import tunelab.train.loop as loop
+
+    steps = []
+    real = loop.Run.batches
+
+    def spy(self, indices, to_device=True):
+        steps.append([i for mb in indices for i in mb])
+        return real(self, indices, to_device)
+
+    monkeypatch.setattr(loop.Run, "batches", spy)
+    return steps

@@ -6,7 +6,15 @@ import json
 import pytest
 import torch
 
-from tests.integration.runs import Interrupted, config, final_weights, halt_after, losses, quiet
+from tests.integration.runs import (
+    Interrupted,
+    config,
+    final_weights,
+    halt_after,
+    losses,
+    quiet,
+    record_steps,
+)
 from tunelab.cli import main
 from tunelab.config.load import load_config
 from tunelab.train.replay import REHEARSAL_FILE
@@ -28,22 +36,11 @@ def answers(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module")
-def pool_file(tmp_path_factory):
-    """Replay examples the task data never has (answers of 'general' knowledge)."""
-    path = tmp_path_factory.mktemp("replay") / "general.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say something about topic {i}."},
-                          {"role": "assistant", "content": f"Topic {i} is interesting."}]}
-            for i in range(5)]  # fmt: skip
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
 @pytest.mark.parametrize("kind", ["file", "self"])
 def test_a_run_with_replay_resumes_exactly(
-    tmp_path, model_dir, data_file, pool_file, answers, kind
+    tmp_path, model_dir, data_file, general_file, answers, kind
 ):
-    replay = str(pool_file) if kind == "file" else "self"
+    replay = str(general_file) if kind == "file" else "self"
     extra = (f"data.replay={replay}", "data.replay_ratio=0.5", "train.max_steps=7",
              "train.warmup_steps=2")  # fmt: skip
     whole = finetune(config(tmp_path / "whole", model_dir, data_file, *extra), log=quiet)
@@ -69,20 +66,11 @@ def test_a_run_with_replay_resumes_exactly(
         assert [r["messages"][0]["content"] for r in rows] == answers[0]
 
 
-def test_every_step_trains_on_its_share_of_the_replay_pool(tmp_path, model_dir, data_file, pool_file,
+def test_every_step_trains_on_its_share_of_the_replay_pool(tmp_path, model_dir, data_file, general_file,
                                                            monkeypatch):  # fmt: skip
     """The replay examples really reach the steps: 2 of every 4 sequences, from the pool."""
-    import tunelab.train.loop as loop
-
-    steps = []
-    real = loop.Run.batches
-
-    def spy(self, indices, to_device=True):
-        steps.append([i for mb in indices for i in mb])
-        return real(self, indices, to_device)
-
-    monkeypatch.setattr(loop.Run, "batches", spy)
-    run = finetune(config(tmp_path, model_dir, data_file, f"data.replay={pool_file}",
+    steps = record_steps(monkeypatch)
+    run = finetune(config(tmp_path, model_dir, data_file, f"data.replay={general_file}",
                           "data.replay_ratio=0.5", "train.max_steps=4"), log=quiet)  # fmt: skip
     result = json.loads((run / "result.json").read_text())
     n = result["train_examples"]
@@ -92,8 +80,8 @@ def test_every_step_trains_on_its_share_of_the_replay_pool(tmp_path, model_dir, 
     first = [
         i for step in steps[:2] for i in step if i >= n
     ]  # the pool is used up before any repeats
-    assert len(set(first)) == 4 and set(first) < set(range(n, n + 5))
-    assert result["replay"] == f"{pool_file}: 5 examples; 2 of 4 sequences a step"
+    assert len(set(first)) == 4 and set(first) < set(range(n, n + 8))
+    assert result["replay"] == f"{general_file}: 8 examples; 2 of 4 sequences a step"
 
 
 @pytest.mark.parametrize(
@@ -145,13 +133,13 @@ def test_a_replay_file_with_a_bad_record_is_named_by_line(tmp_path, model_dir, d
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_changed_replay_file_is_not_resumed(tmp_path, model_dir, data_file, pool_file):
+def test_a_changed_replay_file_is_not_resumed(tmp_path, model_dir, data_file, general_file):
     from tunelab.train.plan import ResumeError
 
     pool = tmp_path / "pool.jsonl"
-    pool.write_bytes(pool_file.read_bytes())
+    pool.write_bytes(general_file.read_bytes())
     run = finetune(config(tmp_path, model_dir, data_file, f"data.replay={pool}",
                           "train.max_steps=2"), log=quiet)  # fmt: skip
-    pool.write_text(pool.read_text().replace("interesting", "dull"))
+    pool.write_text(pool.read_text().replace("fine", "dull"))
     with pytest.raises(ResumeError, match="data.replay_file"):
         finetune(load_config(run / "config.yaml", ["train.max_steps=3"]), resume=run, log=quiet)

@@ -6,24 +6,22 @@ import json
 import pytest
 import torch
 
-from tests.integration.runs import Interrupted, final_weights, halt_after, losses, quiet, records
+from tests.integration.runs import (
+    Interrupted,
+    final_weights,
+    halt_after,
+    losses,
+    quiet,
+    record_steps,
+    records,
+)
 from tunelab.cli import main
 from tunelab.config.load import dump_config, load_config
 from tunelab.workflow.finetune import finetune
 
 
-@pytest.fixture(scope="module")
-def general(tmp_path_factory):
-    path = tmp_path_factory.mktemp("stages") / "general.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Tell me about topic {i}."},
-                          {"role": "assistant", "content": f"Topic {i} is a fine topic."}]}
-            for i in range(8)]  # fmt: skip
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
-def staged(tmp_path, model_dir, data_file, general, *extra):
-    """Stage 1: 3 steps on general data at lr 1e-3; stage 2: 4 steps on the task at 5e-4,
+def staged(tmp_path, model_dir, data_file, general_file, *extra):
+    """Stage 1: 3 steps on general_file data at lr 1e-3; stage 2: 4 steps on the task at 5e-4,
     replaying stage 1 at 0.5 (2 of 4 sequences a step)."""
     folder = tmp_path / "cfg"
     folder.mkdir(parents=True, exist_ok=True)
@@ -33,30 +31,21 @@ def staged(tmp_path, model_dir, data_file, general, *extra):
                              "train.warmup_steps=1", "train.eval_steps=2", "train.save_steps=1",
                              "train.keep_last=10", "method.r=4", *extra])  # fmt: skip
     text = dump_config(cfg) + (
-        f"stages:\n  - name: general\n    data: {general}\n    max_steps: 3\n    lr: 1.0e-3\n"
+        f"stages:\n  - name: general_file\n    data: {general_file}\n    max_steps: 3\n    lr: 1.0e-3\n"
         f"  - name: task\n    data: {data_file}\n    max_steps: 4\n    lr: 5.0e-4\n"
-        f"    replay: [general]\n    replay_ratio: 0.5\n"
+        f"    replay: [general_file]\n    replay_ratio: 0.5\n"
     )
     path.write_text(text)
     return load_config(path, [])
 
 
-def test_stages_run_one_after_another_each_at_its_own_rate(tmp_path, model_dir, data_file, general,
+def test_stages_run_one_after_another_each_at_its_own_rate(tmp_path, model_dir, data_file, general_file,
                                                            monkeypatch):  # fmt: skip
-    import tunelab.train.loop as loop
-
-    seen = []
-    real = loop.Run.batches
-
-    def spy(self, indices, to_device=True):
-        seen.append([i for mb in indices for i in mb])
-        return real(self, indices, to_device)
-
-    monkeypatch.setattr(loop.Run, "batches", spy)
-    run = finetune(staged(tmp_path, model_dir, data_file, general), log=quiet)
+    seen = record_steps(monkeypatch)
+    run = finetune(staged(tmp_path, model_dir, data_file, general_file), log=quiet)
     steps = losses(run)
     assert [r["step"] for r in steps] == list(range(1, 8))
-    assert [r["stage"] for r in steps] == ["general"] * 3 + ["task"] * 4
+    assert [r["stage"] for r in steps] == ["general_file"] * 3 + ["task"] * 4
     assert steps[0]["lr"] == pytest.approx(1e-3) and steps[3]["lr"] == pytest.approx(5e-4)
     assert max(r["lr"] for r in steps[3:]) == pytest.approx(5e-4)  # its own warmup and peak
     n = json.loads((run / "result.json").read_text())["train_examples"]
@@ -71,10 +60,10 @@ def test_stages_run_one_after_another_each_at_its_own_rate(tmp_path, model_dir, 
 
 @pytest.mark.parametrize("halt", [3, 4])  # the boundary's checkpoint, and one inside stage 2
 def test_a_run_in_stages_resumes_exactly_across_the_boundary(
-    tmp_path, model_dir, data_file, general, halt
+    tmp_path, model_dir, data_file, general_file, halt
 ):
-    whole = finetune(staged(tmp_path / "whole", model_dir, data_file, general), log=quiet)
-    cut_cfg = staged(tmp_path / "cut", model_dir, data_file, general)
+    whole = finetune(staged(tmp_path / "whole", model_dir, data_file, general_file), log=quiet)
+    cut_cfg = staged(tmp_path / "cut", model_dir, data_file, general_file)
     with pytest.raises(Interrupted):
         finetune(cut_cfg, log=quiet, progress=halt_after(halt))
     cut = tmp_path / "cut" / "run"
