@@ -33,7 +33,7 @@ VARIANTS = {  # name: (overrides, what it tries)
     "lr-3e-4": (["train.lr=3e-4"], "a lower learning rate"),
     "r4": (["method.r=4"], "a smaller LoRA rank (4, alpha 8)"),
     "plw-0": (["data.prompt_loss_weight=0"], "no loss on the prompt"),
-    "qv-only": (["method.target_modules=[q_proj,v_proj]"], "fewer target modules (attention q, v)"),
+    "qv-only": (["method.targets=[q_proj,v_proj]"], "fewer target modules (attention q, v)"),
 }  # fmt: skip
 
 
@@ -97,8 +97,9 @@ def main() -> None:
     names = args.only or list(VARIANTS)
     rows, notes = {}, {name: VARIANTS[name][1] for name in VARIANTS}
     study = args.out / "study.json"
-    if study.is_file():  # earlier variants of this study are kept
-        rows = json.loads(study.read_text())["rows"]
+    for name in VARIANTS:  # variants run earlier into this folder are read back
+        if name not in names and (args.out / name / "result.json").is_file():
+            rows[name] = read_run(args.out / name)
     for name in names:
         run = args.out / name
         if not (run / "result.json").is_file():
