@@ -135,17 +135,24 @@ def _torchrun(nproc: int) -> None:
 
 
 def _root_failure(error):
-    """(rank, failure) that ended the job: a rank that crashed or was killed rather than one
-    that stopped with a tunelab error because another had gone (their exit times can come in
-    either order); the first failure when every rank stopped with an error of its own."""
+    """(rank, failure) that ended the job. The launcher's first failure is not reliable: the
+    ranks' exit times can land in one poll. So, first, a rank that exited with a code of its own
+    (a crash, not a tunelab error); then one killed by a signal other than the SIGTERM the
+    launcher sends the survivors (the kernel's OOM killer); then a tunelab error; the earliest
+    within each kind."""
+    import signal
+
     from tunelab.errors import TunelabError
 
-    crashed = sorted((f.timestamp, r) for r, f in error.failures.items()
-                     if f.exitcode != TunelabError.exit_code)  # fmt: skip
-    if crashed:
-        rank = crashed[0][1]
-        return rank, error.failures[rank]
-    return error.get_first_failure()
+    def kind(failure) -> int:
+        if failure.exitcode > 0:
+            return 0 if failure.exitcode != TunelabError.exit_code else 2
+        return 3 if failure.exitcode == -signal.SIGTERM else 1
+
+    rank = min(
+        error.failures, key=lambda r: (kind(error.failures[r]), error.failures[r].timestamp, r)
+    )
+    return rank, error.failures[rank]
 
 
 def _print_result(run_dir: Path) -> None:
