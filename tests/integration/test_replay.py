@@ -17,8 +17,8 @@ from tests.integration.runs import (
 )
 from tunelab.cli import main
 from tunelab.config.load import load_config
+from tunelab.evaluate import run as evaluate_run
 from tunelab.train.replay import REHEARSAL_FILE
-from tunelab.workflow import rehearse
 from tunelab.workflow.finetune import finetune
 
 
@@ -32,7 +32,7 @@ def answers(monkeypatch):
         calls.append([c[-1]["content"] for c in conversations])
         return [f"About {c[-1]['content'][:30]}: yes." for c in conversations]
 
-    monkeypatch.setattr(rehearse, "generate", echo)
+    monkeypatch.setattr(evaluate_run, "generate", echo)
     return calls
 
 

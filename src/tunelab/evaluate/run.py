@@ -167,7 +167,7 @@ def evaluate_examples(
         max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, do_sample=ecfg.do_sample,
         temperature=ecfg.temperature, top_p=ecfg.top_p,
     )  # fmt: skip
-    predictions = _generate(target, as_dicts, options, on_progress, spread)
+    predictions = generate_shared(target, as_dicts, options, on_progress, spread)
     if predictions is None:
         return None
     gen_seconds = time.perf_counter() - started
@@ -241,16 +241,18 @@ class Spread(Protocol):
     def gather(self, obj) -> list: ...
 
 
-def _generate(target: Target, conversations: list, options, on_progress, spread: Spread | None):
+def generate_shared(target: Target, conversations: list, options, on_progress=None,
+                    spread: Spread | None = None, *, everywhere: bool = False):  # fmt: skip
     """Every reply — or, with ``spread``, this process's share generated and every share
-    gathered on the first process (the others get None)."""
+    gathered on the first process (the others get None; ``everywhere``: every process gets
+    them all)."""
     if spread is None or not spread.several:
         return generate(target.model, target.tokenizer, conversations, options, on_progress)
     mine = spread.part(list(range(len(conversations))))
     replies = generate(target.model, target.tokenizer, [conversations[i] for i in mine], options,
                        on_progress if spread.main else None)  # fmt: skip
     shares = spread.gather(list(zip(mine, replies, strict=True)))
-    if not spread.main:
+    if not spread.main and not everywhere:
         return None
     out = [""] * len(conversations)
     for share in shares:

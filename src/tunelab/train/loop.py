@@ -100,9 +100,9 @@ def optimizer_step(run: Run) -> dict:
     step_batches = run.batches(micro, to_device=not world.several)
     batches = run.batches(world.mine(micro)) if world.several else step_batches
     weight = sum((plan.objective.weight(b) for b in step_batches), 0.0)  # the whole step's
-    idle = []  # FSDP: every rank makes as many passes (each gathers every layer)
-    if plan.sharded:
-        idle = run.batches(micro[:1]) * (passes(micro, world) - len(batches))
+    # FSDP: as many passes on every rank (each gathers every layer); the extra ones add nothing
+    missing = passes(micro, world) - len(batches) if plan.sharded else 0
+    idle = run.batches(micro[:1]) * missing if missing else []
     try:
         loss = world.sum(
             accumulate(run.model, plan.objective, batches, run.autocast, run.scaler, weight, idle)

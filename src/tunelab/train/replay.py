@@ -29,13 +29,18 @@ def replay_per_step(cfg: Config) -> int:
     """How many of each step's sequences come from the replay pool (0 without data.replay)."""
     if not cfg.data.replay:
         return 0
+    return whole_share(cfg, cfg.data.replay_ratio, "data.replay_ratio")
+
+
+def whole_share(cfg: Config, ratio: float, field: str) -> int:
+    """``ratio`` of a step's sequences, in whole sequences, leaving one at least for the task;
+    a ratio that rounds to none is refused, naming ``field``."""
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    k = min(round(cfg.data.replay_ratio * per_step), per_step - 1)
+    k = min(round(ratio * per_step), per_step - 1)
     if k < 1:
         raise ConfigError(
-            f"data.replay_ratio: {cfg.data.replay_ratio} of the {per_step} sequences of a step "
-            f"(train.micro_batch_size x train.grad_accum) rounds to none; use at least "
-            f"{1 / per_step:.3g}, or remove data.replay"
+            f"{field}: {ratio} of the {per_step} sequences of a step (train.micro_batch_size x "
+            f"train.grad_accum) rounds to none; use at least {1 / per_step:.3g}"
         )
     return k
 
@@ -46,9 +51,10 @@ def pool_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def rehearsal_prompts(seed: int, count: int) -> list[str]:
-    """``count`` of the package's prompts, in a seeded order (a short run uses the first few)."""
-    prompts = pool_prompts()
+def rehearsal_prompts(seed: int, count: int, pool: list[str] | None = None) -> list[str]:
+    """``count`` (at most all) of the package's prompts (``pool``: already read), in a seeded
+    order (a short run uses the first few)."""
+    prompts = list(pool if pool is not None else pool_prompts())
     random.Random(seed).shuffle(prompts)
     return prompts[:count]
 
@@ -102,7 +108,8 @@ def plan_replay(
         pool = read_pool(Path(replay), cfg, tokenizer)
         attach(train, steps, pool)
         return f"{replay}: {len(pool)} examples; {share}", []
-    prompts = rehearsal_prompts(cfg.data.seed, min(len(pool_prompts()), total_steps * k))
+    pool = pool_prompts()
+    prompts = rehearsal_prompts(cfg.data.seed, total_steps * k, pool)
     return (f"self-rehearsal: the base model's answers to {len(prompts)} of the package's "
-            f"{len(pool_prompts())} general prompts (generated before the first step, kept in "
+            f"{len(pool)} general prompts (generated before the first step, kept in "
             f"{REHEARSAL_FILE}); {share}"), prompts  # fmt: skip

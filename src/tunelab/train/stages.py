@@ -25,6 +25,7 @@ from tunelab.data.pipeline import load_examples, tokenize_examples
 from tunelab.errors import ConfigError, DataError, Problem
 from tunelab.train.batches import StepPlan
 from tunelab.train.optim import Schedule
+from tunelab.train.replay import whole_share
 
 
 @dataclass
@@ -132,11 +133,7 @@ def staged_steps(cfg: Config, tokenizer, train: list) -> StagedSteps:
     for i, stage in enumerate(cfg.stages):
         own = spans[stage.name]
         pool = [j for name in stage.replay for j in spans[name]]
-        per_step = t.micro_batch_size * t.grad_accum
-        k = min(round(stage.replay_ratio * per_step), per_step - 1) if pool else 0
-        if pool and k < 1:
-            raise ConfigError(f"stages[{i}].replay_ratio: {stage.replay_ratio} of the {per_step} "
-                              "sequences of a step rounds to none")  # fmt: skip
+        k = whole_share(cfg, stage.replay_ratio, f"stages[{i}].replay_ratio") if pool else 0
         plan = StepPlan([len(train[j].seq) for j in own], micro_batch_size=t.micro_batch_size,
                         grad_accum=t.grad_accum, seed=t.seed + i, replay_per_step=k)  # fmt: skip
         if pool:

@@ -63,7 +63,7 @@ def _silent(*_args, **_kwargs) -> None:
 def _finetune(cfg: Config, resume: Path | None, progress, log, world: World) -> Path:
     plan = plan_finetune(cfg, resume=resume, world=world)
     run = prepare(plan, progress=progress, log=log)
-    rehearse(run, log, world)  # data.replay=self: the base model's answers, before any step
+    rehearse(run, log)  # data.replay=self: the base model's answers, before any step
     general = cfg.eval.at_end and cfg.eval.general_data is not None
     before = None
     if (

@@ -9,7 +9,8 @@ trained since.
 
 from __future__ import annotations
 
-from tunelab.evaluate.generate import GenerationOptions, generate
+from tunelab.evaluate.generate import GenerationOptions
+from tunelab.evaluate.run import Target, generate_shared
 from tunelab.files import atomic_write_text, jsonl_text
 from tunelab.train.distributed import World
 from tunelab.train.guards import TrainingStopped
@@ -19,10 +20,10 @@ from tunelab.train.replay import REHEARSAL_FILE, attach, read_pool
 MAX_NEW_TOKENS = 160
 
 
-def rehearse(run, log=print, world: World | None = None) -> None:
+def rehearse(run, log=print) -> None:
     """Attach self-rehearsal's pool to ``run``'s plan (nothing to do for other replays)."""
     plan = run.plan
-    world = world or plan.world
+    world = plan.world
     if not plan.rehearsal:
         return
     path = plan.run_dir / REHEARSAL_FILE
@@ -46,12 +47,8 @@ def _answers(run, world: World, log) -> list[dict]:
     options = GenerationOptions(max_new_tokens=MAX_NEW_TOKENS, batch_size=cfg.eval.batch_size)
     log(f"self-rehearsal: the base model answers {len(conversations)} general prompts "
         f"(once; kept in {REHEARSAL_FILE})")  # fmt: skip
-    mine = world.part(list(range(len(conversations))))
-    replies = generate(run.model, plan.tokenizer, [conversations[i] for i in mine], options)
-    answers = [""] * len(conversations)
-    for share in world.gather(list(zip(mine, replies, strict=True))):
-        for i, reply in share:
-            answers[i] = reply
+    target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
+    answers = generate_shared(target, conversations, options, spread=world, everywhere=True)
     run.model.train()
     rows = [{"messages": [*c, {"role": "assistant", "content": a.strip()}]}
             for c, a in zip(conversations, answers, strict=True) if a.strip()]  # fmt: skip
