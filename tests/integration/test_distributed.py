@@ -25,6 +25,13 @@ if os.environ.get("RANK") == "1":  # rank 1 dies as a killed process would, befo
 
     def dying(run):
         if run.state.step == at:
+            import time  # once rank 0 has finished checkpoint N (it writes while this rank runs on)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                latest = run.checkpoints.latest()
+                if latest is not None and latest.name.endswith("%06d" % at):
+                    break
+                time.sleep(0.05)
             os._exit(3)
         return real(run)
 
