@@ -229,3 +229,11 @@ def test_softmax_nll_blockwise_equals_autograd(block):
     # bf16 logits: the passes still run in fp32, the gradient comes back in the asked dtype
     nll16, grad16 = softmax_nll(logits.detach().bfloat16(), targets, torch.bfloat16, block=block)
     assert nll16.dtype == torch.float32 and grad16.dtype == torch.bfloat16
+    exact = logits.detach().bfloat16().float()  # the same logits, the passes in fp32 throughout
+    want16 = F.cross_entropy(exact.requires_grad_(), targets, reduction="none")
+    want16.sum().backward()
+    torch.testing.assert_close(nll16, want16.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad16.float(), exact.grad, rtol=1e-2, atol=1e-3)
+    # bf16 logits, an fp32 gradient: a separate buffer, the same numbers
+    _, grad32 = softmax_nll(logits.detach().bfloat16(), targets, torch.float32, block=block)
+    torch.testing.assert_close(grad32, exact.grad, rtol=1e-5, atol=1e-7)

@@ -151,16 +151,26 @@ HEAD_BLOCK = 32
 def softmax_nll(logits, targets, grad_dtype, dcap=None, scale=None, block: int = HEAD_BLOCK):
     """-log softmax(logits)[target] per row, in fp32, and — unless ``grad_dtype`` is None — its
     gradient with respect to the logits, (softmax - one-hot) × ``dcap`` × ``scale`` per row, in
-    ``grad_dtype``. Works through ``block`` rows at a time in place (the logits are consumed)."""
+    ``grad_dtype``. Works through ``block`` rows at a time in one reused fp32 buffer, and writes
+    the gradient over the logits when they are already in ``grad_dtype`` (fresh [rows, vocab]
+    buffers cost page faults on every micro-batch: 50 → 23 ms for 490 rows of a 49k vocab)."""
     n, rows = logits.shape[0], torch.arange(min(block, logits.shape[0]), device=logits.device)
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
-    grad = (
-        None
-        if grad_dtype is None
-        else torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
-    )
+    if grad_dtype is None:
+        grad = None
+    elif logits.dtype == grad_dtype:
+        grad = logits
+    else:
+        grad = torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
+    buffer = None if logits.dtype == torch.float32 else \
+        torch.empty((min(block, n), logits.shape[1]), dtype=torch.float32, device=logits.device)  # fmt: skip
     for i in range(0, n, block):
-        x, t = logits[i : i + block].float(), targets[i : i + block]
+        t = targets[i : i + block]
+        x = (
+            logits[i : i + block]
+            if buffer is None
+            else buffer[: t.shape[0]].copy_(logits[i : i + block])
+        )
         r = rows[: x.shape[0]]
         top = x.amax(-1, keepdim=True)
         picked = x[r, t]
@@ -174,7 +184,8 @@ def softmax_nll(logits, targets, grad_dtype, dcap=None, scale=None, block: int =
             x.mul_(dcap[i : i + block])
         if scale is not None:
             x.mul_(scale[i : i + block, None])
-        grad[i : i + block] = x
+        if buffer is not None or grad is not logits:
+            grad[i : i + block] = x
     return nll, grad
 
 
