@@ -49,3 +49,45 @@ def test_qlora_loads_and_trains(tmp_path):
     ])  # fmt: skip
     run = run_training(cfg, log=lambda *a: None)
     assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_varlen_kernel_equals_attention_by_document():
+    """torch's flash varlen kernel over a packed row = causal SDPA per document (forward and
+    gradients, bf16 tolerance), with grouped k/v heads."""
+    import torch
+
+    from tunelab.models import varlen
+
+    if not varlen.kernel_available("cuda", torch.bfloat16):
+        pytest.skip("this torch has no varlen attention kernel")
+    torch.manual_seed(0)
+    lengths = [37, 5, 120, 64]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, 8, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = varlen.varlen_attention(None, q, k, v, None, scaling=0.125, cu_seq_lens_q=cu,
+                                     max_length_q=max(lengths))  # fmt: skip
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    want = varlen._by_document(q, k, v, cu.tolist(), 0.125)[None]
+    want_grads = torch.autograd.grad(want.float().square().sum(), (q, k, v))
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    for got, exp in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, exp, rtol=5e-2, atol=5e-2)
+
+
+def test_cuda_packed_training_runs_by_document(tmp_path):
+    """train.packing=on on a GPU in bf16: packed rows through the varlen kernel."""
+    from tunelab.models import varlen
+
+    model = tiny_model_dir(tmp_path / "m")
+    cfg = load_config(None, [
+        f"model.name={model}", f"data.path={_data(tmp_path)}", f"train.output_dir={tmp_path}", "name=r",
+        "model.precision=bf16", "train.max_steps=4", "train.micro_batch_size=4", "model.device=cuda",
+        "train.packing=on",
+    ])  # fmt: skip
+    run = run_training(cfg, log=lambda *a: None)
+    result = json.loads((run / "result.json").read_text())
+    assert result["packed"] is True
+    if varlen.kernel_available("cuda", __import__("torch").bfloat16):
+        assert result["attention"] == varlen.NAME

@@ -9,6 +9,7 @@ import torch
 
 from tunelab.data.collate import collate, pack
 from tunelab.data.tokenize import Encoded
+from tunelab.models import varlen
 from tunelab.models.nll import causal_lm_nll_sum
 from tunelab.testing import tiny_model, tiny_tokenizer
 from tunelab.train.batches import StepPlan
@@ -29,7 +30,7 @@ def _model(arch):
 def _loss_and_grads(model, batch):
     model.zero_grad()
     loss = causal_lm_nll_sum(model, batch.input_ids, batch.model_mask, batch.position_ids,
-                             batch.loss_weights)  # fmt: skip
+                             batch.loss_weights, documents=(batch.cu_seqlens, batch.max_len))  # fmt: skip
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -51,26 +52,32 @@ def test_a_packed_row_is_the_sequences_back_to_back():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", varlen.NAME])
 def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
     model, vocab = _model(arch)
-    model.set_attn_implementation(attention)
     rng = np.random.default_rng(1)
     seqs = [_seq(rng, n, vocab) for n in (9, 4, 13, 6)]
+    model.set_attn_implementation("eager")
     padded_loss, padded_grads = _loss_and_grads(model, collate(seqs, 0))
+    varlen.register()
+    model.set_attn_implementation(attention)
     packed_loss, packed_grads = _loss_and_grads(model, pack(seqs))
     assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
     for name, g in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_sequence_in_a_packed_row_does_not_see_its_neighbours():
+@pytest.mark.parametrize("attention", ["eager", varlen.NAME])
+def test_a_sequence_in_a_packed_row_does_not_see_its_neighbours(attention):
     """Change every token of the sequence before it: its loss and gradient stay the same."""
     model, vocab = _model("llama")
+    varlen.register()
+    model.set_attn_implementation(attention)
     rng = np.random.default_rng(2)
     mine, before, other = _seq(rng, 8, vocab), _seq(rng, 6, vocab), _seq(rng, 6, vocab)
     silent = [Encoded(s.input_ids, np.zeros_like(s.weights), s.response) for s in (before, other)]
     results = [_loss_and_grads(model, pack([s, mine])) for s in silent]
+    model.set_attn_implementation("eager")
     alone = _loss_and_grads(model, collate([mine], 0))
     for loss, grads in results:
         assert loss.item() == pytest.approx(alone[0].item(), rel=1e-5)
@@ -103,3 +110,33 @@ def test_auto_packs_only_where_the_padding_costs_more_than_the_longer_rows():
 
     with pytest.raises(ConfigError, match="train.packing"):
         choose_packing("on", _Objective(False, "dpo"), even, LLAMA, False)
+
+
+def test_with_a_varlen_kernel_auto_packs_wherever_padding_is_left():
+    """By document, a packed row costs its real tokens: Alpaca-like lengths (PERFORMANCE.md's
+    lognormal) pack even after tunelab sorts each window by length; through a dense mask they
+    do not; equal lengths never do (nothing to remove)."""
+    sft = _Objective(True)
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(140), 0.75, size=400), 16, 1024).astype(int).tolist()
+    alpaca = StepPlan(lengths, micro_batch_size=4, grad_accum=2, seed=0)
+    assert choose_packing("auto", sft, alpaca, LLAMA, False)[0] is False
+    packs, why = choose_packing("auto", sft, alpaca, LLAMA, False, by_document=True)
+    assert packs and "varlen attention" in why
+    even = StepPlan([100] * 64, micro_batch_size=4, grad_accum=2, seed=0)
+    assert choose_packing("auto", sft, even, LLAMA, False, by_document=True)[0] is False
+
+
+def test_documents_are_found_where_the_positions_restart():
+    cu, longest = varlen.documents(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and longest == 4
+    b = pack([_seq(np.random.default_rng(3), n, 50) for n in (5, 3, 4)])
+    assert b.cu_seqlens.tolist() == [0, 5, 8, 12] and b.max_len == 5
+    assert torch.equal(varlen.documents(b.position_ids)[0], b.cu_seqlens)
+    assert b.to("cpu").cu_seqlens.tolist() == [0, 5, 8, 12]
+
+
+def test_varlen_attention_refuses_a_padded_batch():
+    q = torch.zeros(2, 4, 3, 8)
+    with pytest.raises(ValueError, match="one packed row"):
+        varlen.varlen_attention(None, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 3]))

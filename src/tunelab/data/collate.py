@@ -31,6 +31,10 @@ class Batch:
     loss_weights: torch.Tensor  # float32 [B, T]
     position_ids: torch.Tensor  # int64 [B, T]
     packed: bool = False  # one row of several sequences: run the model without attention_mask
+    #: a packed row's documents: cumulative lengths [n + 1] (int32) and the longest — what a
+    #: varlen attention (models/varlen.py) runs on
+    cu_seqlens: torch.Tensor | None = None
+    max_len: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -44,7 +48,9 @@ class Batch:
 
     def to(self, device) -> Batch:
         tensors = (self.input_ids, self.attention_mask, self.loss_weights, self.position_ids)
-        return Batch(*(t.to(device, non_blocking=True) for t in tensors), packed=self.packed)
+        cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True)
+        return Batch(*(t.to(device, non_blocking=True) for t in tensors), packed=self.packed,
+                     cu_seqlens=cu, max_len=self.max_len)  # fmt: skip
 
 
 def collate(
@@ -89,10 +95,13 @@ def pack(seqs: Sequence[Encoded]) -> Batch:
     weights = np.concatenate([np.asarray(s.weights, dtype=np.float32) for s in seqs])
     positions = np.concatenate([np.arange(len(s), dtype=np.int64) for s in seqs])
     weights[positions == 0] = 0.0  # a sequence's first token is nobody's target
+    lengths = [len(s) for s in seqs]
     return Batch(
         torch.from_numpy(ids)[None],
         torch.ones(1, len(ids), dtype=torch.int64),
         torch.from_numpy(weights)[None],
         torch.from_numpy(positions)[None],
         packed=True,
+        cu_seqlens=torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32),
+        max_len=max(lengths),
     )

@@ -208,16 +208,23 @@ def causal_lm_nll_sum(
     position_ids: torch.Tensor,
     weights: torch.Tensor,
     chunk: int = HEAD_CHUNK,
+    documents: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """The summed weighted NLL of a batch; logits only for targets with a weight, ``chunk``
     rows at a time (the plain forward when the model cannot be split into decoder and head).
-    ``attention_mask`` None: packed rows, separated by ``position_ids`` restarting at 0."""
+    ``attention_mask`` None: packed rows, separated by ``position_ids`` restarting at 0;
+    ``documents``: their (cumulative lengths, longest), handed to a varlen attention."""
     inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
     )
+    if documents is not None and documents[0] is not None:
+        cu, longest = documents
+        inputs.update(
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest
+        )
     parts = split_head(model)
     if parts is None:
         return weighted_nll_sum(model(**inputs).logits, input_ids, weights)

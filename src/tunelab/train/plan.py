@@ -29,6 +29,7 @@ from tunelab.data.split import split_indices
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import ConfigError, DataError, ModelError, Problem, TunelabError
 from tunelab.files import file_sha256
+from tunelab.models import varlen
 from tunelab.models.device import Placement, choose_placement, training_attention
 from tunelab.models.load import describe_config, load_model_config, model_fingerprint, resolve_model
 from tunelab.models.methods import Method, get_method
@@ -222,7 +223,12 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     total = steps.total_steps(t.epochs, t.max_steps)
     replay, rehearsal = plan_replay(cfg, tokenizer, train, steps, total)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
-    packing = choose_packing(t.packing, objective, steps, model_config, method.trains_base)
+    by_document = varlen.kernel_available(
+        placement.device, placement.autocast_dtype or torch.float32
+    )
+    packing = choose_packing(
+        t.packing, objective, steps, model_config, method.trains_base, by_document
+    )
     compiled = choose_compile(t.compile, total)
     # every check is done: only now are the weights hashed (to fingerprint the run)
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
@@ -243,7 +249,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
-        attention=training_attention(placement.device.type, longest),
+        attention=varlen.NAME if packing[0] and by_document else training_attention(placement.device.type, longest),
         compile=compiled, packing=packing, world=world, distributed=distributed, replay=replay,
         rehearsal=rehearsal,
     )  # fmt: skip

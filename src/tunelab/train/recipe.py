@@ -23,6 +23,7 @@ from tunelab.checkpoint.sharded import gather_weights, is_sharded_checkpoint, lo
 from tunelab.checkpoint.state import load_state
 from tunelab.config.load import dump_config
 from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
+from tunelab.models import varlen
 from tunelab.models.device import batch_attention, device_name
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
@@ -89,7 +90,10 @@ def load(plan: RunPlan) -> torch.nn.Module:
                 out_of_memory_message(plan.cfg, plan.method, "model load")
             ) from None
         raise
-    if plan.attention != "sdpa" and hasattr(model, "set_attn_implementation"):
+    if plan.attention == varlen.NAME:  # packed rows, each document's attention alone
+        varlen.register()
+        model.set_attn_implementation(varlen.NAME)
+    elif plan.attention != "sdpa" and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
         if plan.attention == "eager+sdpa":
             attention_by_width(model)

@@ -55,11 +55,15 @@ def pad_multiple(device: str, precision: str) -> int | None:
 #: the margin covers what the FLOP count leaves out (a longer row can move a CPU from eager
 #: attention to SDPA, ~20 % slower a step on the default model)
 PACK_MAX_COST = 0.8
+#: ... and with a varlen kernel (a GPU), whose packed rows cost only their real tokens: any
+#: padding worth removing
+PACK_MAX_COST_VARLEN = 0.98
 
 
 def choose_packing(setting: str, objective, steps: StepPlan, model_config: dict,
-                   trains_base: bool) -> tuple[bool, str]:  # fmt: skip
-    """(pack each micro-batch into one row?, why) for ``train.packing``."""
+                   trains_base: bool, by_document: bool = False) -> tuple[bool, str]:  # fmt: skip
+    """(pack each micro-batch into one row?, why) for ``train.packing``. ``by_document``: a
+    varlen attention kernel will run packed rows (each document's attention alone)."""
     if setting == "off":
         return False, ""
     if not objective.can_pack:
@@ -69,18 +73,26 @@ def choose_packing(setting: str, objective, steps: StepPlan, model_config: dict,
         return False, ""
     if setting == "on":
         return True, "packing: on"
-    padded, packed = packing_costs(steps, model_config, trains_base)
+    padded, packed = packing_costs(steps, model_config, trains_base, by_document)
     if padded is None:
         return False, "packing: auto: off (this model family cannot be sized)"
-    verdict = "on" if packed <= PACK_MAX_COST * padded else "off"
+    verdict = (
+        "on"
+        if packed <= (PACK_MAX_COST_VARLEN if by_document else PACK_MAX_COST) * padded
+        else "off"
+    )
+    kernel = ", varlen attention" if by_document else ""
     return verdict == "on", (f"packing: auto: {verdict} (packed rows {packed / padded:.0%} of "
-                             f"the padded batches' FLOPs)")  # fmt: skip
+                             f"the padded batches' FLOPs{kernel})")  # fmt: skip
 
 
-def packing_costs(steps: StepPlan, model_config: dict, trains_base: bool):
+def packing_costs(
+    steps: StepPlan, model_config: dict, trains_base: bool, by_document: bool = False
+):
     """(padded, packed) training FLOPs of the first epoch's micro-batches: padded, each row is
     as long as the longest of its micro-batch; packed, one row of them all whose attention
-    spans the whole row. (None, None) for a model family that cannot be sized."""
+    spans the whole row — or, ``by_document``, each sequence's own length (a varlen kernel).
+    (None, None) for a model family that cannot be sized."""
     try:
         shape = model_shape(model_config)
     except ModelError:
@@ -94,5 +106,8 @@ def packing_costs(steps: StepPlan, model_config: dict, trains_base: bool):
         for micro in step:
             lengths = [steps.lengths[i] for i in micro]
             padded += cost(len(lengths) * max(lengths), max(lengths))
-            packed += cost(sum(lengths), sum(lengths))
+            if by_document:
+                packed += sum(cost(n, n) for n in lengths)
+            else:
+                packed += cost(sum(lengths), sum(lengths))
     return padded, packed

@@ -61,5 +61,5 @@ class SFT:
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return causal_lm_nll_sum(
             model, batch.input_ids, batch.model_mask, batch.position_ids,
-            batch.loss_weights, self.chunk,
+            batch.loss_weights, self.chunk, (batch.cu_seqlens, batch.max_len),
         )  # fmt: skip
