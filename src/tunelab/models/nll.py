@@ -164,6 +164,7 @@ def softmax_nll(logits, targets, grad_dtype, dcap=None, scale=None, block: int =
         grad = torch.empty(logits.shape, dtype=grad_dtype, device=logits.device)
     buffer = None if logits.dtype == torch.float32 else \
         torch.empty((min(block, n), logits.shape[1]), dtype=torch.float32, device=logits.device)  # fmt: skip
+    in_place = buffer is None and grad is logits  # each block's passes already write the gradient
     for i in range(0, n, block):
         t = targets[i : i + block]
         x = (
@@ -184,7 +185,7 @@ def softmax_nll(logits, targets, grad_dtype, dcap=None, scale=None, block: int =
             x.mul_(dcap[i : i + block])
         if scale is not None:
             x.mul_(scale[i : i + block, None])
-        if buffer is not None or grad is not logits:
+        if not in_place:
             grad[i : i + block] = x
     return nll, grad
 
