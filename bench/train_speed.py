@@ -3,6 +3,8 @@
     python bench/train_speed.py [--steps 20] [--config examples/extract/train.yaml]
                                 [--data alpaca] [--contenders tunelab,tunelab-plw0,hf,hf-bf16]
                                 [--json FILE]
+    python bench/train_speed.py --shape llama-3.2-1b [--method lora|full] [--steps 100]
+                                [--warmup 10] [--repeats 3] --contenders tunelab,hf-shuffled,hf,hf-bf16-compile
 
 Every contender runs in its own process, one after another, on the *same optimizer steps*: the
 parent builds tunelab's step plan from the config (data read, tokenised with its loss weights,
@@ -26,6 +28,17 @@ Contenders (LoRA as the config sets it; the first step is timed apart):
                 micro-batches mixes lengths as a user's run does; not the same optimizer steps,
                 so no loss parity, but the same real tokens in all
 
+**GPU mode** (``--shape``, PERFORMANCE.md's protocol; ``bench/protocol.py``): a random-initialised
+model of that shape saved once with a word-level tokenizer of its vocabulary, Alpaca-like
+conversations whose tokens follow a fixed Markov chain, 16 x 6 sequences (~16k real tokens) a
+step, LoRA r 16 alpha 16 on all linear layers or full fine-tuning (``--method``),
+prompt_loss_weight 0 (HF's objective, so ``tunelab`` and ``hf`` are the loss-parity pair). On a
+GPU the Hugging Face contenders load the weights in bf16 and use sdpa and fused AdamW (the
+protocol's baselines: ``hf-shuffled`` is "HF + PEFT, padded, eager", ``hf-bf16-compile`` the
+compiled one); timers are synchronised; memory is ``torch.cuda.max_memory_allocated``; MFU is
+against the GPU's dense bf16 peak (PERFORMANCE.md's arithmetic: LoRA 4N + 6 N_lora, full 6N, N
+with the LM head, plus attention). ``--shape tiny`` runs the same path on a CPU in seconds.
+
 ``--data alpaca`` replaces the config's data with synthetic Alpaca-like records (seeded): an
 instruction of ~12 words, an input for 40 % of them, an answer of ~45 words with a long tail
 (lognormal), so sequences run from ~30 to ~500 tokens as in Alpaca. There, padding is most of a
@@ -44,6 +57,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +65,8 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+
+import protocol  # bench/protocol.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 #: No warmup for any contender: tunelab's first update is not at lr 0 and Hugging Face's is, so
@@ -83,24 +99,34 @@ def main() -> None:
     ap.add_argument("--data", choices=["config", "alpaca"], default="config",
                     help="the config's data, or synthetic Alpaca-like lengths")  # fmt: skip
     ap.add_argument("--contenders", default="tunelab,tunelab-plw0,hf,hf-bf16")
+    ap.add_argument("--shape", choices=sorted(protocol.SHAPES),
+                    help="GPU mode: PERFORMANCE.md's protocol on a model of this shape")  # fmt: skip
+    ap.add_argument("--method", choices=["lora", "full"], default="lora", help="with --shape")
+    ap.add_argument("--warmup", type=int, help="untimed steps first (default 1; 10 with --shape)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each contender (median)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.warmup = args.warmup if args.warmup is not None else 10 if args.shape else 1
     if args.child:
-        return child(args.child, Path(args.work), args.config, args.steps)
+        return child(args.child, Path(args.work), args.config, args.steps + args.warmup)
     names = args.contenders.split(",")
     unknown = set(names) - set(CONTENDERS)
     if unknown:
         sys.exit(f"--contenders: unknown {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        if args.data == "alpaca":
+        if args.shape:
+            args.config = str(protocol.protocol_config(args.shape, work, method=args.method,
+                                                       steps=args.steps + args.warmup))  # fmt: skip
+        elif args.data == "alpaca":
             args.config = str(alpaca_config(ROOT / args.config, work))
-        steps = prepare(args.config, args.steps + 1, work)
+        steps = prepare(args.config, args.steps + args.warmup, work)
         peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
-        results = {name: run_child(name, work, args) for name in names}
-        flops = steps_flops(args.config)  # while a generated config still exists
+        results = {name: median_run([run_child(name, work, args) for _ in range(args.repeats)], args)
+                   for name in names}  # fmt: skip
+        flops = model_flops(args.config)  # while a generated config still exists
     report(results, steps, peaks, flops, args)
 
 
@@ -163,25 +189,32 @@ def alpaca_config(config: Path, work: Path, n: int = 600, seed: int = 0) -> Path
 
 
 def matmul_peak(dtype: str, n: int = 2048, seconds: float = 2.0) -> float:
-    """GFLOP/s of a large square matrix product in ``dtype`` on this machine."""
+    """GFLOP/s of a large square matrix product in ``dtype`` on this machine (its GPU if any)."""
     import torch
 
-    a = torch.randn(n, n).to(getattr(torch, dtype))
-    b = torch.randn(n, n).to(getattr(torch, dtype))
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else n
+    a = torch.randn(n, n, device="cuda" if cuda else "cpu").to(getattr(torch, dtype))
+    b = torch.randn_like(a)
+    sync = torch.cuda.synchronize if cuda else lambda: None
     a @ b  # warm-up
+    sync()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         count += 1
+        sync()
     return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
 
 
 def run_child(name: str, work: Path, args) -> dict:
     out = work / f"{name}.json"
-    cmd = [sys.executable, __file__, "--child", name, "--work", str(work),
-           "--config", args.config, "--steps", str(args.steps)]  # fmt: skip
+    cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--config", args.config,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     print(f"running {name} ...", flush=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}  # cold
+    for stale in (work / name, work / f"inductor-{name}"):  # a repeat starts afresh and cold
+        shutil.rmtree(stale, ignore_errors=True)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -191,32 +224,52 @@ def run_child(name: str, work: Path, args) -> dict:
     return result
 
 
+def median_run(runs: list[dict], args) -> dict:
+    """The run of median speed among a contender's repeats, with the spread of all of them."""
+    speeds = [_speed(r, args.warmup) for r in runs]
+    best = sorted(range(len(runs)), key=speeds.__getitem__)[len(runs) // 2]
+    return {**runs[best], "spread": [min(speeds), max(speeds)]}
+
+
 def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) -> None:
-    base = results.get("hf")
-    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; {versions()}")
-    print(f"config: {args.config}; {args.steps} timed steps after the first; "
-          f"matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f}")  # fmt: skip
-    print("\n| contender | precision | real tokens/s | × hf | s/step (median) | first step s "
-          "| peak RSS MiB | last loss | GFLOP/s (% of peak) |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    base, w = results.get("hf"), args.warmup
+    gpu = gpu_name()
+    print(f"\nmachine: {gpu or cpu_name()}, {os.cpu_count()} CPU cores; {versions()}")
+    print(f"config: {args.config}; {args.steps} timed steps after {w} untimed; "
+          f"{args.repeats} run(s) of each (the median shown); matmul peak fp32 "
+          f"{peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f}; "
+          f"{flops / 1e9:.2f} GFLOP per real token")  # fmt: skip
+    nominal = next((v for k, v in DENSE_BF16_PEAK.items() if gpu and k in gpu), None)
+    memory = "peak GPU MiB" if gpu else "peak RSS MiB"
+    print(f"\n| contender | precision | real tokens/s (spread) | × hf | s/step (median) | first step s "
+          f"| {memory} | last loss | GFLOP/s (% of peak) |"
+          f"{' MFU |' if nominal else ''}\n|---|---|---|---|---|---|---|---|---|"
+          f"{'---|' if nominal else ''}")  # fmt: skip
     for name, r in results.items():
-        timed = r["seconds"][1:]
-        speed = sum(r["tokens"][1:]) / sum(timed)
-        ratio = f"{speed / _speed(base):.2f}" if base else "—"
+        timed = r["seconds"][w:]
+        speed = _speed(r, w)
+        ratio = f"{speed / _speed(base, w):.2f}" if base else "—"
         peak = peaks["bfloat16" if r["precision"] == "bf16" else "float32"]
         achieved = speed * flops / 1e9
-        print(f"| {name} | {r['precision']} | {speed:.1f} | {ratio} | {statistics.median(timed):.2f} | "
-              f"{r['seconds'][0]:.2f} | {r['peak_rss_mib']:.0f} | {r['losses'][-1]:.4f} | "
-              f"{achieved:.0f} ({100 * achieved / peak:.0f} %) |")  # fmt: skip
+        low, high = r["spread"]
+        mfu = f" {100 * achieved * 1e9 / nominal:.1f} % |" if nominal else ""
+        print(f"| {name} | {r['precision']} | {speed:.1f} ({low:.1f}–{high:.1f}) | {ratio} | "
+              f"{statistics.median(timed):.2f} | {sum(r['seconds'][:w]):.2f} | "
+              f"{r.get('peak_gpu_mib', r['peak_rss_mib']):.0f} | {r['losses'][-1]:.4f} | "
+              f"{achieved:.0f} ({100 * achieved / peak:.0f} %) |{mfu}")  # fmt: skip
     if "hf-shuffled" in results:
-        shuffled = _speed(results["hf-shuffled"])
+        shuffled = _speed(results["hf-shuffled"], w)
         print("× hf-shuffled (the padded baseline of a shuffled run): " + ", ".join(
-            f"{name} {_speed(r) / shuffled:.2f}" for name, r in results.items()))  # fmt: skip
+            f"{name} {_speed(r, w) / shuffled:.2f}" for name, r in results.items()))  # fmt: skip
     for name, r in results.items():
         if "orders" in r:
             key = "order_budget" if name == "tunelab-budget" else "order"
             same = r["orders"] == [s[key] for s in steps]
             print(f"batches of {name}: {'identical to the plan' if same else 'DIFFERENT'}")
-    for ours, theirs in (("tunelab-plw0", "hf"), ("tunelab", "tunelab-fp32")):
+    pairs = [("tunelab-plw0", "hf"), ("tunelab", "tunelab-fp32")]
+    if args.shape:  # prompt_loss_weight 0 there: tunelab's defaults are HF's objective
+        pairs.append(("tunelab", "hf"))
+    for ours, theirs in pairs:
         if ours in results and theirs in results:
             a, b = results[ours]["losses"], results[theirs]["losses"]
             rel = [abs(x - y) / y for x, y in zip(a, b, strict=True)]
@@ -228,17 +281,34 @@ def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) ->
         Path(args.json).write_text(json.dumps({"results": results, "peaks": peaks}, indent=1))
 
 
-def _speed(r: dict) -> float:
-    return sum(r["tokens"][1:]) / sum(r["seconds"][1:])
+def _speed(r: dict, warmup: int) -> float:
+    return sum(r["tokens"][warmup:]) / sum(r["seconds"][warmup:])
 
 
-def steps_flops(config: str) -> float:
-    """Useful training FLOPs per real token (PERFORMANCE.md: 4N + 6 N_adapter + attention)."""
+#: dense bf16 peak FLOP/s of the GPUs PERFORMANCE.md names (MFU's denominator)
+DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def model_flops(config: str) -> float:
+    """Training FLOPs per real token by PERFORMANCE.md's arithmetic: LoRA 4N + 6 N_adapter, full
+    6N, N with the LM head over every token (tunelab skips the head where the loss weight is 0:
+    a saving, not counted), plus attention over the data's s_eff."""
     from tunelab.config.load import load_config
+    from tunelab.models.methods import get_method
     from tunelab.workflow.quote import make_quote
 
     cfg = load_config(ROOT / config, ["train.output_dir=/tmp/tunelab-bench-unused"])
-    return make_quote(cfg).flops_per_token
+    quote = make_quote(cfg)
+    return quote.shape.train_flops_per_token(
+        trains_base=get_method(cfg.method).trains_base, adapter=quote.memory.trainable,
+        s_eff=quote.data.s_eff,
+    )  # fmt: skip
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def cpu_name() -> str:
@@ -260,8 +330,13 @@ def versions() -> str:
 
 
 def child(name: str, work: Path, config: str, steps: int) -> None:
+    """Run contender ``name`` for ``steps`` optimizer steps; its timings to ``work/NAME.json``."""
+    import torch
+
     result = run_tunelab(name, work, config, steps) if name.startswith("tunelab") else \
         run_hf(name, work, config)  # fmt: skip
+    if torch.cuda.is_available():
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     (work / f"{name}.json").write_text(json.dumps(result))
 
 
@@ -269,8 +344,8 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
     from tunelab.config.load import load_config
     from tunelab.workflow.finetune import finetune
 
-    overrides = [*SAME_SCHEDULE, f"train.output_dir={work / name}", "name=run", f"train.max_steps={steps + 1}",
-                 "train.eval_at_start=false", f"train.eval_steps={steps + 1}", "eval.at_end=false",
+    overrides = [*SAME_SCHEDULE, f"train.output_dir={work / name}", "name=run", f"train.max_steps={steps}",
+                 "train.eval_at_start=false", f"train.eval_steps={steps}", "eval.at_end=false",
                  "train.keep=last"]  # fmt: skip
     if name == "tunelab-plw0":
         overrides += ["data.prompt_loss_weight=0", "model.precision=fp32"]
@@ -324,18 +399,24 @@ def run_hf(name: str, work: Path, config: str) -> dict:
 
         random.Random(cfg.train.seed).shuffle(rows)
     path = resolve_model(cfg.model.name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cuda = torch.cuda.is_available()  # the protocol's baselines there: bf16 weights, sdpa
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa",
+        device_map="cuda" if cuda else None,
+    )  # fmt: skip
     torch.manual_seed(cfg.train.seed)  # as tunelab seeds: the same initial adapter
     m = cfg.method
-    model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha or 2 * m.r, lora_dropout=m.dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip
+    if m.name != "full":
+        model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha or 2 * m.r, lora_dropout=m.dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip
     t = cfg.train
     args = TrainingArguments(
         output_dir=str(work / name), per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum, max_steps=len(steps), learning_rate=t.lr,
         lr_scheduler_type=t.schedule, warmup_steps=warmup_steps(t, len(steps)), logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-        bf16="bf16" in name, torch_compile="compile" in name, seed=cfg.train.seed,
+        save_strategy="no", report_to=[], use_cpu=not cuda, dataloader_num_workers=0,
+        bf16="bf16" in name or cuda, torch_compile="compile" in name, seed=cfg.train.seed,
+        **({"optim": "adamw_torch_fused"} if cuda else {}),  # the CPU: HF's default
         remove_unused_columns=False, disable_tqdm=True,
     )  # fmt: skip
     clock = Clock()
@@ -352,7 +433,7 @@ def run_hf(name: str, work: Path, config: str) -> dict:
     tokens = [sum(len(r["input_ids"]) for r in rows[k : k + per_step])
               for k in range(0, len(rows), per_step)]  # fmt: skip
     return {"tokens": tokens, "seconds": clock.seconds, "losses": clock.losses,
-            "precision": "bf16" if "bf16" in name else "fp32"}  # fmt: skip
+            "precision": "bf16" if "bf16" in name or cuda else "fp32"}  # fmt: skip
 
 
 class Clock:
@@ -370,6 +451,10 @@ class Clock:
         self.last = time.perf_counter()
 
     def on_step_end(self, *a, **k):
+        import torch
+
+        if torch.cuda.is_available():  # the step's kernels done, not only queued
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.seconds.append(now - self.last)
         self.last = now
