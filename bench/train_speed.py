@@ -13,7 +13,10 @@ tunelab's own run logs a checksum of each step's examples, compared here ("batch
 
 Contenders (LoRA as the config sets it; the first step is timed apart):
   tunelab       the config as written (its prompt_loss_weight, its precision)
-  tunelab-compile  the same with train.compile=on (auto compiles runs of 200+ steps only)
+  tunelab-compile  the same with train.compile=on (auto compiles short runs only when cached)
+  tunelab-cached  the defaults on a machine where a run of the same layer graph compiled
+                before (an untimed 1-step compiled run first, into the same inductor cache):
+                auto then compiles runs of 10+ steps on a CPU (train/speed.py)
   tunelab-plw0  prompt_loss_weight 0 in fp32: Hugging Face's objective and precision, for loss
                 parity with ``hf``
   tunelab-fp32  the same as tunelab with model.precision=fp32 (what auto chose before bf16)
@@ -76,6 +79,7 @@ SAME_SCHEDULE = ("train.warmup_ratio=0",)
 CONTENDERS = (
     "tunelab",
     "tunelab-compile",
+    "tunelab-cached",
     "tunelab-plw0",
     "tunelab-fp32",
     "tunelab-bf16",
@@ -249,7 +253,7 @@ def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) ->
         timed = r["seconds"][w:]
         speed = _speed(r, w)
         ratio = f"{speed / _speed(base, w):.2f}" if base else "—"
-        peak = peaks["bfloat16" if r["precision"] == "bf16" else "float32"]
+        peak = peaks["bfloat16" if r["precision"].startswith("bf16") else "float32"]
         achieved = speed * flops / 1e9
         low, high = r["spread"]
         mfu = f" {100 * achieved * 1e9 / nominal:.1f} % |" if nominal else ""
@@ -355,15 +359,20 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
         overrides.append(f"train.micro_batch_tokens={budget(load_config(ROOT / config))}")
     if name in ("tunelab-fp32", "tunelab-bf16"):
         overrides.append(f"model.precision={name.removeprefix('tunelab-')}")
+    if name == "tunelab-cached":  # an earlier compiled run of the same graph, untimed
+        earlier = [*overrides, "train.compile=on", "train.max_steps=1", "train.eval_steps=1",
+                   f"train.output_dir={work / name}-earlier"]  # fmt: skip
+        finetune(load_config(ROOT / config, earlier), log=lambda *a, **k: None)
     run = finetune(load_config(ROOT / config, overrides), log=lambda *a, **k: None)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]
+    result = json.loads((run / "result.json").read_text())
     return {
         "tokens": [r["tokens"] for r in records],
         "seconds": [r["tokens"] / r["tokens_per_s"] for r in records],
         "losses": [r["loss"] for r in records],
         "orders": [r["order"] for r in records],
-        "precision": json.loads((run / "result.json").read_text())["precision"],
+        "precision": result["precision"] + (" compiled" if result["compiled"] else ""),
     }
 
 

@@ -1,9 +1,13 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests compile into a cache of their own: the markers of layer graphs compiled by a developer's
+# runs (train/speed.py) cannot change what train.compile auto decides in a test.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tunelab-tests-inductor-")
 
 
 def pytest_collection_modifyitems(config, items):

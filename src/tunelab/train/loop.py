@@ -60,6 +60,12 @@ class Run:
     def autocast(self):
         return self.plan.autocast(self.model)
 
+    def uncompiled(self):
+        """Forwards outside the training step (validation, generation) run the compiled layers'
+        eager code: under no_grad they would need graphs of their own, each a compilation
+        (~20 s on a 2-core CPU) for a handful of forwards."""
+        return torch.compiler.set_stance("force_eager")
+
     def batches(self, indices: list[list[int]], to_device: bool = True) -> list:
         pad, device = pad_id(self.plan.tokenizer), self.plan.placement.device
         objective, examples = self.plan.objective, self.plan.train
@@ -342,7 +348,7 @@ def _validation_loss(run: Run) -> float | None:
     if plan.sharded:  # as many passes as rank 0 (each gathers every layer); the extra ones idle
         mine += [(0, False)] * (-(-len(starts) // plan.world.size) - len(mine))
     run.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), run.uncompiled():
         for i, counts in mine:
             batch = plan.objective.collate(plan.val[i : i + size], pad).to(device)
             with run.autocast():

@@ -40,7 +40,7 @@ from tunelab.train.distributed import ONE, World, choose_distributed
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
 from tunelab.train.replay import check_replay, plan_replay, replay_per_step
-from tunelab.train.speed import choose_compile, choose_packing, pad_multiple
+from tunelab.train.speed import choose_compile, choose_packing, compile_key, pad_multiple
 from tunelab.train.stages import StagedSteps, check_stages, staged_steps
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
@@ -80,6 +80,7 @@ class RunPlan:
     objective_notes: list[str] = field(default_factory=list)  # what the objective decided
     attention: str = "sdpa"  # the attention implementation trained with (models/device.py)
     compile: tuple[bool, str] = (False, "")  # compile the decoder layers?, why (train.compile)
+    compile_key: str | None = None  # the compiled layer graph's name (train/speed.py)
     packing: tuple[bool, str] = (False, "")  # one row per micro-batch?, why (train.packing)
     world: World = ONE  # this process's rank among the job's (train/distributed.py)
     distributed: tuple[str, str] = ("none", "")  # none | ddp | fsdp, why (train.distributed)
@@ -229,7 +230,6 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     packing = choose_packing(
         t.packing, objective, steps, model_config, method.trains_base, by_document
     )
-    compiled = choose_compile(t.compile, total)
     # every check is done: only now are the weights hashed (to fingerprint the run)
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
     checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
@@ -241,6 +241,9 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     longest = max(lengths)
     if packing[0]:  # a packed row: the micro-batch's sequences end to end
         longest = max(longest, t.micro_batch_tokens or sum(sorted(lengths)[-t.micro_batch_size :]))
+    device = placement.device.type
+    attention = varlen.NAME if packing[0] and by_document else training_attention(device, longest)
+    key = compile_key(model_config, cfg.method.model_dump(), placement.precision, device, attention)
     return RunPlan(
         cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement,
         model_config=model_config, method=method,
@@ -249,8 +252,8 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
-        attention=varlen.NAME if packing[0] and by_document else training_attention(placement.device.type, longest),
-        compile=compiled, packing=packing, world=world, distributed=distributed, replay=replay,
+        attention=attention, compile=choose_compile(t.compile, total, device, key), compile_key=key,
+        packing=packing, world=world, distributed=distributed, replay=replay,
         rehearsal=rehearsal,
     )  # fmt: skip
 

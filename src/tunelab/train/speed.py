@@ -5,20 +5,34 @@ The attention implementation and the precision are the device's (:mod:`tunelab.m
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import shutil
+from pathlib import Path
 
 from tunelab.errors import ConfigError, ModelError
+from tunelab.models.catalog import home
 from tunelab.models.shape import model_shape
 from tunelab.train.batches import StepPlan
 
-#: train.compile auto: runs this long pay for the first step's compilation (2-core CPU, the
-#: default model: ~60 s cold, ~10 s with a warm cache, against ~0.8 s saved a step)
-COMPILE_MIN_STEPS = 200
+#: train.compile auto: runs of at least this many steps pay for the first step's compilation,
+#: (cold, with this run's layer graph already in the inductor cache). Measured on a 2-core CPU,
+#: the default model, LoRA (docs/speed.md): ~48 s cold, ~5 s cached, ~0.85 s saved a step. Not
+#: measured on a GPU yet, where steps are shorter and a step saves less: the older, cautious rule.
+COMPILE_MIN_STEPS = {"cpu": (60, 10), "cuda": (200, 30)}
+#: the marker of a layer graph compiled before, kept in the inductor cache it was compiled into
+COMPILED_MARKS = "tunelab-compiled"
 
 
-def choose_compile(setting: str, total_steps: int) -> tuple[bool, str]:
+def choose_compile(
+    setting: str, total_steps: int, device: str = "cpu", key: str | None = None
+) -> tuple[bool, str]:
     """(compile the decoder layers?, why) for ``train.compile``; ``on`` without a C++ compiler
-    (torch's inductor needs one) is refused here, before anything loads."""
+    (torch's inductor needs one) is refused here, before anything loads. ``key``
+    (:func:`compile_key`) names the layer graph: compiled before in the inductor cache, it costs
+    seconds instead of a minute, so auto compiles shorter runs."""
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if setting == "off":
         return False, ""
@@ -31,12 +45,53 @@ def choose_compile(setting: str, total_steps: int) -> tuple[bool, str]:
         return False, "compile: auto: off (no C++ compiler for torch.compile)"
     if setting == "on":
         return True, "compile: on"
-    if total_steps < COMPILE_MIN_STEPS:
+    cold, cached = COMPILE_MIN_STEPS["cuda" if device == "cuda" else "cpu"]
+    before = key is not None and compiled_before(key)
+    least = cached if before else cold
+    state = "compiled before, in the cache" if before else "not compiled before"
+    if total_steps < least:
         return (
             False,
-            f"compile: auto: off ({total_steps} steps < {COMPILE_MIN_STEPS}: it would not pay)",
+            f"compile: auto: off ({total_steps} steps < {least}, {state}: it would not pay)",
         )
-    return True, f"compile: auto: on ({total_steps} steps)"
+    return True, f"compile: auto: on ({total_steps} steps, {state})"
+
+
+def compile_key(
+    model_config: dict, method: dict, precision: str, device: str, attention: str
+) -> str:
+    """A name for the decoder layer graph a run compiles: what shapes it (the model's config,
+    the method's settings, precision, device, attention) and the code that builds it."""
+    import torch
+    import transformers
+
+    what = [model_config, method, precision, device, attention, torch.__version__,
+            transformers.__version__]  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def inductor_cache() -> Path:
+    """Where torch's inductor keeps what it compiled: ``TORCHINDUCTOR_CACHE_DIR`` when set, else
+    tunelab's home (kept across reboots, unlike inductor's default under /tmp)."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or home() / "inductor")
+
+
+def use_inductor_cache() -> None:
+    """Point inductor at :func:`inductor_cache` (before its first compilation)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache()))
+
+
+def compiled_before(key: str) -> bool:
+    return (inductor_cache() / COMPILED_MARKS / key).is_file()
+
+
+def remember_compiled(key: str) -> None:
+    """Mark ``key``'s graph as in the cache (after a step ran compiled; a marker that cannot be
+    written only means the next run decides as if cold)."""
+    with contextlib.suppress(OSError):
+        folder = inductor_cache() / COMPILED_MARKS
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / key).touch()
 
 
 #: On a CPU in bf16 every new batch width costs oneDNN new kernels (~1 MiB each, kept): with

@@ -70,7 +70,8 @@ def _finetune(cfg: Config, resume: Path | None, progress, log, world: World) -> 
         general and plan.fresh and _same_precision(cfg, plan) and not plan.sharded
     ):  # before any step
         target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
-        before = _general(cfg, target, plan.run_dir, "general-before", world)
+        with run.uncompiled():
+            before = _general(cfg, target, plan.run_dir, "general-before", world)
         if world.main:
             log(f"general ability before training: {headline(before)}")
         else:

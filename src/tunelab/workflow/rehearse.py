@@ -48,7 +48,8 @@ def _answers(run, world: World, log) -> list[dict]:
     log(f"self-rehearsal: the base model answers {len(conversations)} general prompts "
         f"(once; kept in {REHEARSAL_FILE})")  # fmt: skip
     target = Target(run.model, plan.tokenizer, f"{cfg.model.name} (before)")
-    answers = generate_shared(target, conversations, options, spread=world, everywhere=True)
+    with run.uncompiled():
+        answers = generate_shared(target, conversations, options, spread=world, everywhere=True)
     run.model.train()
     rows = [{"messages": [*c, {"role": "assistant", "content": a.strip()}]}
             for c, a in zip(conversations, answers, strict=True) if a.strip()]  # fmt: skip
