@@ -219,6 +219,9 @@ def run_child(name: str, work: Path, args) -> dict:
     for stale in (work / name, work / f"inductor-{name}"):  # a repeat starts afresh and cold
         shutil.rmtree(stale, ignore_errors=True)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}")}
+    if name == "tunelab-cached":  # an earlier run of the same graph, in a process of its own
+        earlier = [*cmd[:3], "tunelab-earlier", *cmd[4:]]
+        subprocess.run(earlier, cwd=ROOT, stdout=subprocess.DEVNULL, env=env, check=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -359,10 +362,8 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
         overrides.append(f"train.micro_batch_tokens={budget(load_config(ROOT / config))}")
     if name in ("tunelab-fp32", "tunelab-bf16"):
         overrides.append(f"model.precision={name.removeprefix('tunelab-')}")
-    if name == "tunelab-cached":  # an earlier compiled run of the same graph, untimed
-        earlier = [*overrides, "train.compile=on", "train.max_steps=1", "train.eval_steps=1",
-                   f"train.output_dir={work / name}-earlier"]  # fmt: skip
-        finetune(load_config(ROOT / config, earlier), log=lambda *a, **k: None)
+    if name == "tunelab-earlier":  # tunelab-cached's earlier run (run_child): one step, compiled
+        overrides += ["train.compile=on", "train.max_steps=1", "train.eval_steps=1"]
     run = finetune(load_config(ROOT / config, overrides), log=lambda *a, **k: None)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]
