@@ -167,7 +167,7 @@ class TrainConfig(Section):
         "layer). It fuses the elementwise work between matmuls but costs time at the first step "
         "(~50 s on a 2-core CPU; ~5 s once the same layer graph was compiled before, kept in "
         "the inductor cache, TORCHINDUCTOR_CACHE_DIR or $TUNELAB_HOME/inductor): auto compiles "
-        "where it pays, on a CPU runs of 60+ optimizer steps, 10+ with the graph cached (a GPU: "
+        "where it pays, on a CPU runs of 50+ optimizer steps, 10+ with the graph cached (a GPU: "
         "200+, 30+).",
     )
     packing: Literal["auto", "on", "off"] = Field(

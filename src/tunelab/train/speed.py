@@ -17,11 +17,13 @@ from tunelab.models.catalog import home
 from tunelab.models.shape import model_shape
 from tunelab.train.batches import StepPlan
 
-#: train.compile auto: runs of at least this many steps pay for the first step's compilation,
+#: train.compile auto: runs of at least this many steps pay for the first step's compilation
 #: (cold, with this run's layer graph already in the inductor cache). Measured on a 2-core CPU,
-#: the default model, LoRA (docs/speed.md): ~48 s cold, ~5 s cached, ~0.85 s saved a step. Not
-#: measured on a GPU yet, where steps are shorter and a step saves less: the older, cautious rule.
-COMPILE_MIN_STEPS = {"cpu": (60, 10), "cuda": (200, 30)}
+#: the default model, LoRA (docs/speed.md): ~48 s cold, ~5 s cached, 0.85-0.9 s saved a step, so
+#: a cold run breaks even at 53-57 steps; at 50 it is even within the measurements' noise, and
+#: leaves the graph cached for every later run. Not measured on a GPU yet, where steps are
+#: shorter and a step saves less: the older, cautious rule.
+COMPILE_MIN_STEPS = {"cpu": (50, 10), "cuda": (200, 30)}
 #: the marker of a layer graph compiled before, kept in the inductor cache it was compiled into
 COMPILED_MARKS = "tunelab-compiled"
 
