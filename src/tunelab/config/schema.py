@@ -166,9 +166,9 @@ class TrainConfig(Section):
         description="torch.compile each decoder layer (regional: one compilation serves every "
         "layer). It fuses the elementwise work between matmuls but costs time at the first step "
         "(~50 s on a 2-core CPU; ~5 s once the same layer graph was compiled before, kept in "
-        "the inductor cache, TORCHINDUCTOR_CACHE_DIR or $TUNELAB_HOME/inductor): auto compiles "
-        "where it pays, on a CPU runs of 50+ optimizer steps, 10+ with the graph cached (a GPU: "
-        "200+, 30+).",
+        "the inductor cache, TORCHINDUCTOR_CACHE_DIR or $TUNELAB_HOME/inductor). auto compiles "
+        "where the seconds it saves, estimated from the run's FLOPs, repay that: within the run "
+        "when the graph is cached, else over this run and the next (docs/speed.md).",
     )
     packing: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -8,6 +8,7 @@ any weight is read; :mod:`tunelab.train.recipe` then executes the plan.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,17 +122,8 @@ class RunPlan:
     def flops_per_token(self) -> float | None:
         """Training FLOPs per real token of this run (PERFORMANCE.md's arithmetic); None for a
         model family tunelab cannot size."""
-        try:
-            shape = model_shape(self.model_config)
-        except ModelError:
-            return None
-        lengths, weighted = sequence_stats(self.train)
-        adapter = 0 if self.method.trains_base else self.method.trainable_params(shape)
-        return shape.train_flops_per_token(
-            trains_base=self.method.trains_base, adapter=adapter,
-            s_eff=sum(x * x for x in lengths) / sum(lengths), head_share=weighted,
-            recompute=self.cfg.model.gradient_checkpointing,
-        )  # fmt: skip
+        return flops_per_token(self.model_config, self.method, self.train,
+                               self.cfg.model.gradient_checkpointing)  # fmt: skip
 
     @property
     def train_tokens(self) -> int:
@@ -166,6 +158,7 @@ class RunPlan:
                          + (f"; {self.packing[1]}" if self.packing[1] else "")
                          + (f"; widths padded to a multiple of {self.objective.pad_to} (bf16 on a "
                             "CPU: fewer kernel shapes)" if self.objective.pad_to else "")),
+            ("compile", self.compile[1] or "off (train.compile=off)"),
             ("steps", f"{self.steps.steps_per_epoch} per epoch, {self.total_steps} in all, "
                       f"warmup {self.warmup_steps}, {t.schedule} to {t.min_lr_ratio:g} x lr {t.lr:g}"),
             ("evaluation", f"every {self.eval_steps} steps" if self.val else "none (no validation data)"),
@@ -184,6 +177,44 @@ class RunPlan:
         rows += [("resume", note) for note in self.notes]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def flops_per_token(model_config: dict, method, train: list[TokenizedExample],
+                    recompute: bool) -> float | None:  # fmt: skip
+    """Training FLOPs per real token (PERFORMANCE.md's arithmetic) of ``method`` on a model of
+    ``model_config`` over ``train``; None for a model family tunelab cannot size."""
+    try:
+        shape = model_shape(model_config)
+    except ModelError:
+        return None
+    lengths, weighted = sequence_stats(train)
+    adapter = 0 if method.trains_base else method.trainable_params(shape)
+    return shape.train_flops_per_token(
+        trains_base=method.trains_base, adapter=adapter,
+        s_eff=sum(x * x for x in lengths) / sum(lengths), head_share=weighted, recompute=recompute,
+    )  # fmt: skip
+
+
+def _attention(cfg: Config, placement, by_document: bool, packed: bool, seqs: list) -> str:
+    """The attention implementation to train with: the varlen one for packed rows with a
+    kernel, else the device's choice for the widest row (models/device.py)."""
+    if by_document:
+        return varlen.NAME
+    t, lengths = cfg.train, sequence_stats(seqs)[0]
+    longest = max(lengths)
+    if packed:  # a packed row: the micro-batch's sequences end to end
+        longest = max(longest, t.micro_batch_tokens or sum(sorted(lengths)[-t.micro_batch_size :]))
+    return training_attention(placement.device.type, longest)
+
+
+def run_flops(cfg: Config, model_config: dict, method, train: list[TokenizedExample],
+              total_steps: int) -> float | None:  # fmt: skip
+    """The training FLOPs of the whole run (what train.compile auto weighs); None for a model
+    family tunelab cannot size."""
+    per_token = flops_per_token(model_config, method, train, cfg.model.gradient_checkpointing)
+    t = cfg.train
+    per_step = statistics.mean(len(x.seq) for x in train) * t.micro_batch_size * t.grad_accum
+    return None if per_token is None else per_token * per_step * total_steps
 
 
 def sequence_stats(train: list[TokenizedExample]) -> tuple[list[int], float]:
@@ -237,13 +268,10 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     if objective.can_pack:
         objective.pack = packing[0]
     objective.pad_to = pad_multiple(placement.device.type, placement.precision)
-    lengths = sequence_stats(train + val)[0]
-    longest = max(lengths)
-    if packing[0]:  # a packed row: the micro-batch's sequences end to end
-        longest = max(longest, t.micro_batch_tokens or sum(sorted(lengths)[-t.micro_batch_size :]))
+    attention = _attention(cfg, placement, packing[0] and by_document, packing[0], train + val)
     device = placement.device.type
-    attention = varlen.NAME if packing[0] and by_document else training_attention(device, longest)
     key = compile_key(model_config, cfg.method.model_dump(), placement.precision, device, attention)
+    flops = run_flops(cfg, model_config, method, train, total)
     return RunPlan(
         cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement,
         model_config=model_config, method=method,
@@ -252,7 +280,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
-        attention=attention, compile=choose_compile(t.compile, total, device, key), compile_key=key,
+        attention=attention, compile=choose_compile(t.compile, flops, device, key), compile_key=key,
         packing=packing, world=world, distributed=distributed, replay=replay,
         rehearsal=rehearsal,
     )  # fmt: skip

@@ -17,24 +17,28 @@ from tunelab.models.catalog import home
 from tunelab.models.shape import model_shape
 from tunelab.train.batches import StepPlan
 
-#: train.compile auto: runs of at least this many steps pay for the first step's compilation
-#: (cold, with this run's layer graph already in the inductor cache). Measured on a 2-core CPU,
-#: the default model, LoRA (docs/speed.md): ~48 s cold, ~5 s cached, 0.85-0.9 s saved a step, so
-#: a cold run breaks even at 53-57 steps; at 50 it is even within the measurements' noise, and
-#: leaves the graph cached for every later run. Not measured on a GPU yet, where steps are
-#: shorter and a step saves less: the older, cautious rule.
-COMPILE_MIN_STEPS = {"cpu": (50, 10), "cuda": (200, 30)}
+#: train.compile auto weighs the seconds compiling costs against the seconds it saves. Measured
+#: on a 2-core CPU with the default model, LoRA, bf16 (docs/speed.md): eager steps did ~180
+#: GFLOP/s of training work, compiled steps took 29 % less time, and compiling cost ~48 s cold,
+#: ~5 s with the layer graph in the inductor cache. Not measured on a GPU yet: PERFORMANCE.md's
+#: H100 figures (HF eager ~24 % MFU, compiled 32 % less time, 40-90 s to compile) stand in.
+EAGER_FLOPS = {"cpu": 180e9, "cuda": 240e12}
+COMPILE_SAVES = {"cpu": 0.29, "cuda": 0.32}
+COMPILE_COST_S = {"cpu": (48.0, 5.0), "cuda": (60.0, 10.0)}  # (cold, cached)
 #: the marker of a layer graph compiled before, kept in the inductor cache it was compiled into
 COMPILED_MARKS = "tunelab-compiled"
 
 
 def choose_compile(
-    setting: str, total_steps: int, device: str = "cpu", key: str | None = None
+    setting: str, train_flops: float | None = None, device: str = "cpu", key: str | None = None
 ) -> tuple[bool, str]:
     """(compile the decoder layers?, why) for ``train.compile``; ``on`` without a C++ compiler
-    (torch's inductor needs one) is refused here, before anything loads. ``key``
-    (:func:`compile_key`) names the layer graph: compiled before in the inductor cache, it costs
-    seconds instead of a minute, so auto compiles shorter runs."""
+    (torch's inductor needs one) is refused here, before anything loads.
+
+    ``auto`` estimates the run's eager seconds from its training FLOPs (``train_flops``) and
+    compiles where the share compiling saves repays the compilation: within this run when the
+    layer graph (``key``, :func:`compile_key`) is in the inductor cache already; cold, over this
+    run and the next like it, which then finds the graph cached."""
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if setting == "off":
         return False, ""
@@ -47,16 +51,18 @@ def choose_compile(
         return False, "compile: auto: off (no C++ compiler for torch.compile)"
     if setting == "on":
         return True, "compile: on"
-    cold, cached = COMPILE_MIN_STEPS["cuda" if device == "cuda" else "cpu"]
-    before = key is not None and compiled_before(key)
-    least = cached if before else cold
-    state = "compiled before, in the cache" if before else "not compiled before"
-    if total_steps < least:
-        return (
-            False,
-            f"compile: auto: off ({total_steps} steps < {least}, {state}: it would not pay)",
-        )
-    return True, f"compile: auto: on ({total_steps} steps, {state})"
+    if train_flops is None:
+        return False, "compile: auto: off (the model's size is unknown: no estimate of the gain)"
+    device = "cuda" if device == "cuda" else "cpu"
+    eager = train_flops / EAGER_FLOPS[device]
+    saved = COMPILE_SAVES[device] * eager
+    cold, cached = COMPILE_COST_S[device]
+    if key is not None and compiled_before(key):
+        pays, cost = saved >= cached, f"~{cached:.0f} s to load, compiled before"
+    else:
+        pays, cost = 2 * saved >= cold + cached, f"~{cold:.0f} s cold, repaid over two runs"
+    verdict = "on" if pays else "off"
+    return pays, f"compile: auto: {verdict} (~{eager:.0f} s of steps, ~{saved:.0f} s saved; {cost})"
 
 
 def compile_key(
