@@ -249,8 +249,8 @@ def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) ->
     nominal = next((v for k, v in DENSE_BF16_PEAK.items() if gpu and k in gpu), None)
     memory = "peak GPU MiB" if gpu else "peak RSS MiB"
     print(f"\n| contender | precision | real tokens/s (spread) | × hf | s/step (median) | first step s "
-          f"| {memory} | last loss | GFLOP/s (% of peak) |"
-          f"{' MFU |' if nominal else ''}\n|---|---|---|---|---|---|---|---|---|"
+          f"| whole run s | {memory} | last loss | GFLOP/s (% of peak) |"
+          f"{' MFU |' if nominal else ''}\n|---|---|---|---|---|---|---|---|---|---|"
           f"{'---|' if nominal else ''}")  # fmt: skip
     for name, r in results.items():
         timed = r["seconds"][w:]
@@ -261,13 +261,18 @@ def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) ->
         low, high = r["spread"]
         mfu = f" {100 * achieved * 1e9 / nominal:.1f} % |" if nominal else ""
         print(f"| {name} | {r['precision']} | {speed:.1f} ({low:.1f}–{high:.1f}) | {ratio} | "
-              f"{statistics.median(timed):.2f} | {sum(r['seconds'][:w]):.2f} | "
+              f"{statistics.median(timed):.2f} | {sum(r['seconds'][:w]):.2f} | {sum(r['seconds']):.1f} | "
               f"{r.get('peak_gpu_mib', r['peak_rss_mib']):.0f} | {r['losses'][-1]:.4f} | "
               f"{achieved:.0f} ({100 * achieved / peak:.0f} %) |{mfu}")  # fmt: skip
     if "hf-shuffled" in results:
         shuffled = _speed(results["hf-shuffled"], w)
         print("× hf-shuffled (the padded baseline of a shuffled run): " + ", ".join(
             f"{name} {_speed(r, w) / shuffled:.2f}" for name, r in results.items()))  # fmt: skip
+        whole = sum(results["hf-shuffled"]["seconds"])
+        print(
+            "whole run, first steps and compilation included, hf-shuffled's seconds / each's: "
+            + ", ".join(f"{name} {whole / sum(r['seconds']):.2f}" for name, r in results.items())
+        )
     for name, r in results.items():
         if "orders" in r:
             key = "order_budget" if name == "tunelab-budget" else "order"

@@ -47,3 +47,7 @@ def test_gpu_mode_runs_on_a_cpu_with_the_tiny_shape(tmp_path):
     assert first < 1e-4, parity  # the same weights, batches and objective on both sides
     results = json.loads(out.read_text())["results"]
     assert [len(results[n]["seconds"]) for n in ("tunelab", "hf")] == [3, 3]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| contender"))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| tunelab |"))
+    cells = dict(zip(header.split("|"), row.split("|"), strict=True))
+    assert float(cells[" whole run s "]) == round(sum(results["tunelab"]["seconds"]), 1)

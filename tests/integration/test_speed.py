@@ -6,6 +6,7 @@ import statistics
 
 from tests.integration.runs import config, losses, quiet
 from tunelab.workflow.finetune import finetune
+from tunelab.workflow.quote import make_quote
 
 
 def test_bf16_training_keeps_loss_parity_with_fp32(tmp_path, model_dir, data_file):
@@ -93,6 +94,7 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path, model_dir, data_file,
         decision = build_plan(cfg, read_weights=False).compile
         assert decision[0] is False, decision  # a tiny model's few seconds: never worth it
         assert ("compiled before" in decision[1]) is (method_r == 4), decision
+        assert make_quote(cfg).compile == decision  # tunelab plan says what train will do
 
 
 def test_compile_auto_weighs_the_seconds_it_saves_against_its_cost(tmp_path, monkeypatch):
@@ -128,7 +130,7 @@ def test_compile_auto_weighs_the_seconds_it_saves_against_its_cost(tmp_path, mon
     # cold: 2 x 0.29 x s >= 48 + 5 from s = 91.4
     assert choose_compile("auto", seconds(91), "cpu", "k")[0] is False
     assert choose_compile("auto", seconds(92), "cpu", "k") == (
-        True, "compile: auto: on (~92 s of steps, ~27 s saved; ~48 s cold, repaid over two runs)")  # fmt: skip
+        True, "compile: auto: on (~92 s of eager steps at ~180 GFLOP/s, ~27 s saved; ~48 s cold, repaid over two runs)")  # fmt: skip
     assert choose_compile("auto", seconds(92), "cuda", "k")[0] is False
     # cached: 0.29 x s >= 5 from s = 17.2
     assert choose_compile("auto", seconds(18), "cpu", "k")[0] is False
@@ -136,7 +138,7 @@ def test_compile_auto_weighs_the_seconds_it_saves_against_its_cost(tmp_path, mon
     assert (tmp_path / "inductor" / "tunelab-compiled" / "k").is_file()
     assert choose_compile("auto", seconds(17), "cpu", "k")[0] is False
     assert choose_compile("auto", seconds(18), "cpu", "k") == (
-        True, "compile: auto: on (~18 s of steps, ~5 s saved; ~5 s to load, compiled before)")  # fmt: skip
+        True, "compile: auto: on (~18 s of eager steps at ~180 GFLOP/s, ~5 s saved; ~5 s to load, compiled before)")  # fmt: skip
     assert choose_compile("auto", seconds(18), "cpu", "other")[0] is False
 
 

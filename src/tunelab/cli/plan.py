@@ -150,6 +150,8 @@ def show(quote, advice, processes: str = "") -> None:
     console.print(f"  steps: {quote.steps_per_epoch} per epoch, {quote.total_steps} in all; "
                   f"{quote.flops_per_token / 1e9:.2f} GFLOP per token; this machine: "
                   f"{escape(quote.throughput_source)}; cards: {_card_mfus(quote)}")  # fmt: skip
+    if quote.compile[1]:
+        console.print(f"  {escape(quote.compile[1])}")
     if quote.api_costs:
         console.print(
             "  hosted fine-tuning APIs, same tokens: "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -62,19 +63,21 @@ def choose_compile(
     else:
         pays, cost = 2 * saved >= cold + cached, f"~{cold:.0f} s cold, repaid over two runs"
     verdict = "on" if pays else "off"
-    return pays, f"compile: auto: {verdict} (~{eager:.0f} s of steps, ~{saved:.0f} s saved; {cost})"
+    rate = EAGER_FLOPS[device]
+    rate = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"
+    return pays, (f"compile: auto: {verdict} (~{eager:.0f} s of eager steps at ~{rate}, "
+                  f"~{saved:.0f} s saved; {cost})")  # fmt: skip
 
 
 def compile_key(
     model_config: dict, method: dict, precision: str, device: str, attention: str
 ) -> str:
     """A name for the decoder layer graph a run compiles: what shapes it (the model's config,
-    the method's settings, precision, device, attention) and the code that builds it."""
-    import torch
-    import transformers
-
-    what = [model_config, method, precision, device, attention, torch.__version__,
-            transformers.__version__]  # fmt: skip
+    the method's settings, precision, device, attention) and the code that builds it (the
+    installed versions, read from the package metadata: importing torch and transformers to ask
+    would cost ``tunelab plan`` a second and a half)."""
+    code = [importlib.metadata.version(name) for name in ("torch", "transformers", "peft")]
+    what = [model_config, method, precision, device, attention, *code]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

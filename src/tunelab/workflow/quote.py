@@ -34,6 +34,7 @@ from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
 from tunelab.train.objectives import get_objective
 from tunelab.train.plan import check_files, datasets, sequence_stats
+from tunelab.train.speed import choose_compile, compile_key
 
 #: card -> (memory in GB, dense bf16 peak in TFLOP/s; the T4's is fp16, it has no bf16)
 CARDS = {"T4-16GB": (16, 65), "L4-24GB": (24, 121), "A100-40GB": (40, 312),
@@ -89,6 +90,7 @@ class Quote:
     warnings: list[str] = field(default_factory=list)
     here: str = "cpu"  # the device the breakdown is for: this machine's, or CUDA for QLoRA
     runs_here: bool = True  # False: the method needs a CUDA GPU this machine lacks
+    compile: tuple[bool, str] = (False, "")  # train.compile's decision here (train/speed.py)
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("cfg", "shape", "memory")}
@@ -106,9 +108,8 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     a machine without CUDA)."""
     check_files(cfg)
     objective = get_objective(cfg)
-    shape = model_shape(
-        load_model_config(cfg.model.name, need_weights=False), where=f"model.name {cfg.model.name}"
-    )
+    model_config = load_model_config(cfg.model.name, need_weights=False)
+    shape = model_shape(model_config, where=f"model.name {cfg.model.name}")
     get_method(cfg.method).check_shape(shape)
     if cfg.stages:
         raise ConfigError("tunelab plan does not quote a run in stages yet; quote each stage's "
@@ -140,10 +141,24 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
         api_costs={k: v * tokens / 1000 for k, v in cfg.plan.api_prices.items()},
     )  # fmt: skip
     quote.devices = fit_devices(quote, tokens * fpt, history)
+    if runs_here:
+        quote.compile = compile_decision(cfg, model_config, data, here, tokens * fpt)
     quote.warnings = _warnings(quote)
     if runs_here and not quote.devices[0].fits:
         quote.savings = savings(quote)
     return quote
+
+
+def compile_decision(
+    cfg: Config, model_config: dict, data: DataShape, device: str, flops: float
+) -> tuple[bool, str]:
+    """What ``train.compile`` would decide for this run here — the rule and the layer graph's
+    name that ``tunelab train`` uses (train/speed.py), from the quote's FLOPs."""
+    hidden = model_shape(model_config).hidden
+    attention = training_attention(device, data.max_len)
+    precision = training_precision(cfg, device, hidden)
+    key = compile_key(model_config, cfg.method.model_dump(), precision, device, attention)
+    return choose_compile(cfg.train.compile, flops, device, key)
 
 
 def training_precision(cfg: Config, device: str, hidden: int) -> str:
