@@ -140,6 +140,13 @@ def test_compile_auto_weighs_the_seconds_it_saves_against_its_cost(tmp_path, mon
     assert choose_compile("auto", seconds(18), "cpu", "k") == (
         True, "compile: auto: on (~18 s of eager steps at ~180 GFLOP/s, ~5 s saved; ~5 s to load, compiled before)")  # fmt: skip
     assert choose_compile("auto", seconds(18), "cpu", "other")[0] is False
+    # two attentions, two graphs: cold 2 x 0.29 x s >= 68 + 10 from s = 134.5; cached from 34.5
+    assert choose_compile("auto", seconds(134), "cpu", "two", graphs=2)[0] is False
+    assert choose_compile("auto", seconds(135), "cpu", "two", graphs=2) == (
+        True, "compile: auto: on (~135 s of eager steps at ~180 GFLOP/s, ~39 s saved; ~68 s cold for 2 graphs (two attentions), repaid over two runs)")  # fmt: skip
+    remember_compiled("two")
+    assert choose_compile("auto", seconds(34), "cpu", "two", graphs=2)[0] is False
+    assert choose_compile("auto", seconds(35), "cpu", "two", graphs=2)[0] is True
 
 
 def test_compile_layers_compiles_every_decoder_layer_in_place(tmp_path, model_dir, data_file):
@@ -224,6 +231,8 @@ def test_on_a_cpu_each_micro_batch_gets_the_attention_of_its_width(
     monkeypatch.setattr(device, "EAGER_MAX_LEN", len(short[-1].seq))
     plan = build_plan(config(tmp_path / "b", model_dir, data_file, "model.precision=fp32"))
     assert plan.attention == "eager+sdpa"
+    assert "for 2 graphs (two attentions)" in plan.compile[1], plan.compile  # auto's cost
+    assert "graphs" not in plain.compile[1], plain.compile
     model = plan.method.apply(load(plan))
     seen = []
     layer = model.get_base_model().model.layers[0].self_attn

@@ -41,7 +41,13 @@ from tunelab.train.distributed import ONE, World, choose_distributed
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
 from tunelab.train.replay import check_replay, plan_replay, replay_per_step
-from tunelab.train.speed import choose_compile, choose_packing, compile_key, pad_multiple
+from tunelab.train.speed import (
+    choose_compile,
+    choose_packing,
+    compile_key,
+    layer_graphs,
+    pad_multiple,
+)
 from tunelab.train.stages import StagedSteps, check_stages, staged_steps
 
 #: Settings that may change when resuming (extending a run, evaluating more often...).
@@ -280,7 +286,8 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
-        attention=attention, compile=choose_compile(t.compile, flops, device, key), compile_key=key,
+        attention=attention, compile=choose_compile(t.compile, flops, device, key, layer_graphs(attention)),
+        compile_key=key,
         packing=packing, world=world, distributed=distributed, replay=replay,
         rehearsal=rehearsal,
     )  # fmt: skip

@@ -26,12 +26,19 @@ from tunelab.train.batches import StepPlan
 EAGER_FLOPS = {"cpu": 180e9, "cuda": 240e12}
 COMPILE_SAVES = {"cpu": 0.29, "cuda": 0.32}
 COMPILE_COST_S = {"cpu": (48.0, 5.0), "cuda": (60.0, 10.0)}  # (cold, cached)
+#: a second layer graph in the same run (a CPU's eager attention for short batches and SDPA for
+#: long ones) shares most kernels with the first: +19 s cold on Alpaca-like lengths (2026-12-01)
+SECOND_GRAPH_S = (20.0, 5.0)  # (cold, cached)
 #: the marker of a layer graph compiled before, kept in the inductor cache it was compiled into
 COMPILED_MARKS = "tunelab-compiled"
 
 
 def choose_compile(
-    setting: str, train_flops: float | None = None, device: str = "cpu", key: str | None = None
+    setting: str,
+    train_flops: float | None = None,
+    device: str = "cpu",
+    key: str | None = None,
+    graphs: int = 1,
 ) -> tuple[bool, str]:
     """(compile the decoder layers?, why) for ``train.compile``; ``on`` without a C++ compiler
     (torch's inductor needs one) is refused here, before anything loads.
@@ -39,7 +46,8 @@ def choose_compile(
     ``auto`` estimates the run's eager seconds from its training FLOPs (``train_flops``) and
     compiles where the share compiling saves repays the compilation: within this run when the
     layer graph (``key``, :func:`compile_key`) is in the inductor cache already; cold, over this
-    run and the next like it, which then finds the graph cached."""
+    run and the next like it, which then finds the graph cached. ``graphs``: 2 where the run's
+    micro-batches use two attentions (a CPU's ``eager+sdpa``), each a graph to compile."""
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if setting == "off":
         return False, ""
@@ -58,15 +66,26 @@ def choose_compile(
     eager = train_flops / EAGER_FLOPS[device]
     saved = COMPILE_SAVES[device] * eager
     cold, cached = COMPILE_COST_S[device]
+    cold, cached = (
+        cold + (graphs - 1) * SECOND_GRAPH_S[0],
+        cached + (graphs - 1) * SECOND_GRAPH_S[1],
+    )
+    both = f" for {graphs} graphs (two attentions)" if graphs > 1 else ""
     if key is not None and compiled_before(key):
-        pays, cost = saved >= cached, f"~{cached:.0f} s to load, compiled before"
+        pays, cost = saved >= cached, f"~{cached:.0f} s to load{both}, compiled before"
     else:
-        pays, cost = 2 * saved >= cold + cached, f"~{cold:.0f} s cold, repaid over two runs"
+        pays, cost = 2 * saved >= cold + cached, f"~{cold:.0f} s cold{both}, repaid over two runs"
     verdict = "on" if pays else "off"
     rate = EAGER_FLOPS[device]
     rate = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"
     return pays, (f"compile: auto: {verdict} (~{eager:.0f} s of eager steps at ~{rate}, "
                   f"~{saved:.0f} s saved; {cost})")  # fmt: skip
+
+
+def layer_graphs(attention: str) -> int:
+    """How many layer graphs a compiled run of ``attention`` builds: two for a CPU's
+    ``eager+sdpa`` (each micro-batch's attention by its width), else one."""
+    return 2 if attention == "eager+sdpa" else 1
 
 
 def compile_key(

@@ -34,7 +34,7 @@ from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
 from tunelab.train.objectives import get_objective
 from tunelab.train.plan import check_files, datasets, sequence_stats
-from tunelab.train.speed import choose_compile, compile_key
+from tunelab.train.speed import choose_compile, compile_key, layer_graphs
 
 #: card -> (memory in GB, dense bf16 peak in TFLOP/s; the T4's is fp16, it has no bf16)
 CARDS = {"T4-16GB": (16, 65), "L4-24GB": (24, 121), "A100-40GB": (40, 312),
@@ -158,7 +158,7 @@ def compile_decision(
     attention = training_attention(device, data.max_len)
     precision = training_precision(cfg, device, hidden)
     key = compile_key(model_config, cfg.method.model_dump(), precision, device, attention)
-    return choose_compile(cfg.train.compile, flops, device, key)
+    return choose_compile(cfg.train.compile, flops, device, key, layer_graphs(attention))
 
 
 def training_precision(cfg: Config, device: str, hidden: int) -> str:
