@@ -65,16 +65,14 @@ def choose_compile(
     device = "cuda" if device == "cuda" else "cpu"
     eager = train_flops / EAGER_FLOPS[device]
     saved = COMPILE_SAVES[device] * eager
-    cold, cached = COMPILE_COST_S[device]
-    cold, cached = (
-        cold + (graphs - 1) * SECOND_GRAPH_S[0],
-        cached + (graphs - 1) * SECOND_GRAPH_S[1],
-    )
-    both = f" for {graphs} graphs (two attentions)" if graphs > 1 else ""
+    extra = graphs - 1  # a second graph costs less than the first: they share kernels
+    cold = COMPILE_COST_S[device][0] + extra * SECOND_GRAPH_S[0]
+    cached = COMPILE_COST_S[device][1] + extra * SECOND_GRAPH_S[1]
+    which = f" for {graphs} graphs (two attentions)" if extra else ""
     if key is not None and compiled_before(key):
-        pays, cost = saved >= cached, f"~{cached:.0f} s to load{both}, compiled before"
+        pays, cost = saved >= cached, f"~{cached:.0f} s to load{which}, compiled before"
     else:
-        pays, cost = 2 * saved >= cold + cached, f"~{cold:.0f} s cold{both}, repaid over two runs"
+        pays, cost = 2 * saved >= cold + cached, f"~{cold:.0f} s cold{which}, repaid over two runs"
     verdict = "on" if pays else "off"
     rate = EAGER_FLOPS[device]
     rate = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"

@@ -142,7 +142,7 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     )  # fmt: skip
     quote.devices = fit_devices(quote, tokens * fpt, history)
     if runs_here:
-        quote.compile = compile_decision(cfg, model_config, data, here, tokens * fpt)
+        quote.compile = compile_decision(cfg, model_config, shape, data, here, tokens * fpt)
     quote.warnings = _warnings(quote)
     if runs_here and not quote.devices[0].fits:
         quote.savings = savings(quote)
@@ -150,13 +150,12 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
 
 
 def compile_decision(
-    cfg: Config, model_config: dict, data: DataShape, device: str, flops: float
+    cfg: Config, model_config: dict, shape: ModelShape, data: DataShape, device: str, flops: float
 ) -> tuple[bool, str]:
     """What ``train.compile`` would decide for this run here — the rule and the layer graph's
     name that ``tunelab train`` uses (train/speed.py), from the quote's FLOPs."""
-    hidden = model_shape(model_config).hidden
     attention = training_attention(device, data.max_len)
-    precision = training_precision(cfg, device, hidden)
+    precision = training_precision(cfg, device, shape.hidden)
     key = compile_key(model_config, cfg.method.model_dump(), precision, device, attention)
     return choose_compile(cfg.train.compile, flops, device, key, layer_graphs(attention))
 
