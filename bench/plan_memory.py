@@ -23,9 +23,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from tunelab.config.schema import MethodConfig, TrainConfig
+from tunelab.models.device import HEAD_CHUNK
 from tunelab.models.memory import Activity, estimate_memory
 from tunelab.models.methods import get_method
-from tunelab.models.nll import HEAD_CHUNK, chunked_head_nll_sum, split_head
+from tunelab.models.nll import chunked_head_nll_sum, split_head
 from tunelab.models.shape import model_shape
 from tunelab.train.optim import build_optimizer
 

@@ -11,7 +11,7 @@ from tunelab.models import device
 @pytest.fixture
 def cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "cuda_available", lambda: False)
     state = {"flags": {"avx512f", "avx512_bf16"}, "times": {"float32": 3.0, "bfloat16": 1.0}}
     monkeypatch.setattr(device, "cpu_flags", lambda: state["flags"])
     timed = []

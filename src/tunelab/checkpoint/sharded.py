@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.checkpoint.state import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
 
 SHARDED_FOLDER = "sharded"
 

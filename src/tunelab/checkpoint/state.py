@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -42,6 +44,8 @@ class CheckpointError(TunelabError):
 
 def capture_rng() -> dict:
     """The state of every global random generator a training step may draw from."""
+    import torch
+
     _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -61,6 +65,8 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     """Put back what :func:`capture_rng` returned. CUDA states are restored for the devices
     present in both (a CPU checkpoint on a GPU machine leaves CUDA alone)."""
+    import torch
+
     random.setstate(_as_tuples(state["python"]))
     np_state = state["numpy"]
     np.random.set_state(
@@ -97,6 +103,8 @@ def save_state(
     """Write the resume state into ``folder`` (normally the temporary folder that
     :meth:`CheckpointManager.save` hands to its ``write``, which makes the whole set atomic).
     ``optimizer`` None: its state is elsewhere (a sharded checkpoint's, checkpoint/sharded.py)."""
+    import torch
+
     folder = Path(folder)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
@@ -140,6 +148,8 @@ def load_state(
 
 
 def _load_pt(path: Path) -> Any:
+    import torch
+
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
     try:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tunelab.data.tokenize import Encoded
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
 
 
 @dataclass
@@ -60,6 +63,8 @@ def collate(
     padding_side: str = "right",
     pad_to_multiple_of: int | None = None,
 ) -> Batch:
+    import torch
+
     if not seqs:
         raise ValueError("cannot collate an empty batch")
     if padding_side not in ("right", "left"):
@@ -89,6 +94,8 @@ def collate(
 
 def pack(seqs: Sequence[Encoded]) -> Batch:
     """``seqs`` in one row [1, sum of lengths], each attending only to itself (module doc)."""
+    import torch
+
     if not seqs:
         raise ValueError("cannot pack an empty batch")
     ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in seqs])

@@ -10,16 +10,18 @@ choice and its reason are said when the run starts.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import ConfigError
 
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` on a CPU reads none
+    import torch
 
 
 BF16_MIN_HIDDEN = 256  # narrower matrices are overhead-bound: bf16 buys nothing there
@@ -36,12 +38,17 @@ class Placement:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The compute dtype under autocast; None in fp32."""
-        return _HALF.get(self.precision)
+        return None if self.precision == "fp32" else frozen_dtype(self.precision)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype forwards compute in: the autocast dtype, else fp32."""
+        return frozen_dtype(self.precision)
 
     def weight_dtype(self, trains_base: bool) -> torch.dtype:
         """Weights that are trained stay fp32 (master weights, autocast computes in half);
         frozen weights (a LoRA base, a model being evaluated) can live in half precision."""
-        return torch.float32 if trains_base else frozen_dtype(self.precision)
+        return frozen_dtype("fp32" if trains_base else self.precision)
 
     def describe(self) -> str:
         why = f": {self.reason}" if self.reason else ""
@@ -50,14 +57,29 @@ class Placement:
 
 def frozen_dtype(precision: str) -> torch.dtype:
     """The dtype frozen weights are held in at ``precision`` (fp32, bf16, fp16)."""
-    return _HALF.get(precision, torch.float32)
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def cuda_available() -> bool:
+    """``torch.cuda.is_available()``, without importing torch (~2 s of a `tunelab plan`) where
+    the installed build is a CPU-only wheel: PyTorch versions those ``+cpu``."""
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        if importlib.metadata.version("torch").endswith("+cpu"):
+            return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def choose_placement(cfg: ModelConfig, *, train_hidden: int | None = None) -> Placement:
     """(device, precision) for ``cfg`` on this machine — or a clear error naming the setting.
     ``train_hidden``: the width of a model about to be trained (lets ``auto`` pick bf16 on a CPU
     where it pays)."""
-    has_cuda = torch.cuda.is_available()
+    import torch
+
+    has_cuda = cuda_available()
     if cfg.device == "cuda" and not has_cuda:
         raise ConfigError(
             "model.device: 'cuda' but this machine has no CUDA GPU (use model.device=auto or cpu)"
@@ -81,6 +103,11 @@ def choose_placement(cfg: ModelConfig, *, train_hidden: int | None = None) -> Pl
 #: On a CPU, attention as plain matmuls beats SDPA's kernels for short sequences (the default
 #: model, bf16, fwd + bwd of 4 x 110 tokens: 1.02 s against 1.25 s), ties at 512, loses at 1024.
 EAGER_MAX_LEN = 256
+
+#: Rows of logits the LM head computes at a time (models/nll.py: the full [tokens, vocab] fp32
+#: logits of a small model are most of its training memory). Here, torch-free, because
+#: ``tunelab plan`` sizes those rows too (models/memory.py).
+HEAD_CHUNK = 512
 
 
 def training_attention(device: str, longest: int) -> str:
@@ -130,15 +157,15 @@ def bf16_speedup(hidden: int) -> float:
     from tunelab.files import atomic_write_json
     from tunelab.models.catalog import home
 
-    cache = home() / "bf16_speedup.json"
-    key = (
-        f"{device_name('cpu')} torch {torch.__version__} threads {torch.get_num_threads()} {hidden}"
-    )
+    cache = home() / "bf16_speedup.json"  # the key is known without importing torch
+    key = f"{device_name('cpu')} torch {importlib.metadata.version('torch')} {hidden}"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
     if key not in known:
+        import torch
+
         a, b = torch.randn(256, hidden), torch.randn(hidden, 4 * hidden)
         known[key] = round(_best_time(a, b) / _best_time(a.bfloat16(), b.bfloat16()), 3)
         atomic_write_json(cache, known)
@@ -161,6 +188,8 @@ def device_name(kind: str) -> str:
     """The device as the run history records it ('cuda:NVIDIA H100 80GB HBM3',
     'cpu:AMD EPYC 9R14 x2'): what ``tunelab plan`` calibrates its time by."""
     if kind == "cuda":
+        import torch
+
         return f"cuda:{torch.cuda.get_device_name(0)}"
     model = "unknown CPU"
     try:

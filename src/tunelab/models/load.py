@@ -18,13 +18,15 @@ import os
 import re
 import socket
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.errors import ModelError
 from tunelab.files import atomic_write_json, file_sha256
 from tunelab.models import catalog
 from tunelab.models.catalog import first_line
+
+if TYPE_CHECKING:  # imported where weights are loaded: `tunelab plan` reads no torch
+    import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "owner/name"
@@ -177,7 +179,7 @@ def gguf_folder(path: Path) -> Path:
 def load_model(
     name: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,  # float32
     device: str = "cpu",
     quantize_bits: int | None = None,
     tokenizer: str | None = None,
@@ -240,7 +242,7 @@ def describe_config(config: dict) -> str:
 def load_weights(
     name: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,  # float32
     device: str = "cpu",
     quantize_bits: int | None = None,
 ):
@@ -263,7 +265,8 @@ def load_quantized(name: str, bits: int, *, dtype: torch.dtype, device: str = "c
     return _load(name, dtype=dtype, device=device, quantize_bits=bits)
 
 
-def _load(name: str, *, dtype: torch.dtype, device: str, quantize_bits: int | None):
+def _load(name: str, *, dtype: torch.dtype | None, device: str, quantize_bits: int | None):
+    import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -271,7 +274,7 @@ def _load(name: str, *, dtype: torch.dtype, device: str, quantize_bits: int | No
     source = resolve_model(name)
     if isinstance(source, Path):
         check_weights(source)
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": torch.float32 if dtype is None else dtype}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
     try:
@@ -312,6 +315,8 @@ def _merged(base: str, adapter: Path, *, dtype, device: str, quantize_bits: int 
 
 
 def _check_cuda(device: str) -> None:
+    import torch
+
     if not torch.cuda.is_available():
         raise ModelError(NO_CUDA)
     if not str(device).startswith("cuda"):
@@ -351,6 +356,8 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def _compute_dtype(device: str) -> torch.dtype:
+    import torch
+
     if not str(device).startswith("cuda"):
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

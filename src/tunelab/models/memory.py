@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunelab.models.device import EAGER_MAX_LEN
+from tunelab.models.device import EAGER_MAX_LEN, HEAD_CHUNK
 from tunelab.models.methods import Method
-from tunelab.models.nll import HEAD_CHUNK
 from tunelab.models.shape import ModelShape
 
 GIB = 2**30

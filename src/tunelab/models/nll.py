@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-#: Rows of logits computed at a time by the chunked head (the full [tokens, vocab] fp32 logits
-#: of a small model are most of its training memory).
-HEAD_CHUNK = 512
+from tunelab.models.device import HEAD_CHUNK
 
 
 def target_weights(weights: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,11 @@ transformers builds no mask for an attention it does not know, so the row reache
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
+
 
 NAME = "tunelab_varlen"
 
@@ -28,6 +31,8 @@ NAME = "tunelab_varlen"
 def documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(cumulative lengths [n + 1] int32, longest) of the documents of one packed row, found
     where ``position_ids`` [1, T] restart at 0."""
+    import torch
+
     pos = position_ids.reshape(-1)
     starts = torch.nonzero(pos == 0).reshape(-1)
     ends = torch.cat([starts, starts.new_tensor([pos.numel()])])
@@ -37,6 +42,8 @@ def documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether torch's flash varlen kernel can run on ``device`` in ``dtype``."""
+    import torch
+
     if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     try:
@@ -50,6 +57,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                      cu_seq_lens_q=None, max_length_q=None, position_ids=None, **kwargs):  # fmt: skip
     """transformers' attention interface: ``query`` [1, H, T, D], ``key``/``value``
     [1, H_kv, T, D] of one packed row; returns ([1, T, H, D], None)."""
+    import torch
+
     if query.shape[0] != 1:
         raise ValueError(f"{NAME} takes one packed row, got a batch of {query.shape[0]}")
     if cu_seq_lens_q is None:  # not handed down: found from the position ids
@@ -69,6 +78,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 def _by_document(query, key, value, bounds: list[int], scaling) -> torch.Tensor:
     """Causal SDPA over each document of the row alone; [T, H, D]."""
+    import torch
+    import torch.nn.functional as F
+
     gqa = key.shape[1] != query.shape[1]
     parts = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],

@@ -35,11 +35,13 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError
 from tunelab.train.guards import TrainingStopped
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class World:
     @property
     def joined(self) -> bool:
         """Several processes in a started process group: collectives can run."""
+        import torch
+
         return self.several and torch.distributed.is_initialized()
 
     def part(self, items: list) -> list:
@@ -81,6 +85,8 @@ class World:
 
     def sum(self, value: float) -> float:
         """``value`` summed over the ranks, in float64 (a step's loss for the log)."""
+        import torch
+
         if not self.several:
             return value
         out = torch.tensor(value, dtype=torch.float64, device=_device())
@@ -90,6 +96,8 @@ class World:
     def share(self, obj):
         """Rank 0's ``obj`` on every rank (a small picklable value: a folder name, a decision).
         Without a process group (``--dry-run`` under torchrun) each rank keeps its own."""
+        import torch
+
         if not self.joined:
             return obj
         box = [obj if self.main else None]
@@ -98,6 +106,8 @@ class World:
 
     def gather(self, obj) -> list:
         """Every rank's ``obj`` (small and picklable), in rank order, on every rank."""
+        import torch
+
         if not self.joined:
             return [obj]
         out = [None] * self.size
@@ -106,6 +116,8 @@ class World:
 
     def wait(self) -> None:
         """Every rank gets here before any goes on."""
+        import torch
+
         if self.several:
             _collective(torch.distributed.barrier)
 
@@ -116,6 +128,8 @@ ONE = World()
 def _collective(op, *args, **kwargs):
     """A collective; when another rank is gone (its connection reset, or the timeout passed),
     a clear stop instead of the backend's traceback."""
+    import torch
+
     try:
         return op(*args, **kwargs)
     except (RuntimeError, torch.distributed.DistError) as e:
@@ -129,6 +143,8 @@ def _collective(op, *args, **kwargs):
 
 def _device() -> torch.device:
     """Where collectives run: the current GPU under NCCL, the CPU under gloo."""
+    import torch
+
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -151,6 +167,8 @@ def world_from_env() -> World:
 def start(world: World, device_type: str, timeout_s: int) -> None:
     """Join the process group (gloo on a CPU, NCCL on CUDA), once; the CPU's cores shared out
     between the processes on this machine. One process: nothing to do."""
+    import torch
+
     if not world.several or torch.distributed.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -165,6 +183,8 @@ def start(world: World, device_type: str, timeout_s: int) -> None:
 
 
 def stop() -> None:
+    import torch
+
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -210,6 +230,7 @@ def shard(model: torch.nn.Module, world: World) -> int:
     per-rank mean), so every rank holds its shard of the one-process gradient. The embedding,
     the final norm and the head stay whole on every rank (the fused head calls them outside
     any FSDP unit; their gradients go through :func:`sum_gradients`)."""
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -246,6 +267,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, world: Wor
     """``torch.nn.utils.clip_grad_norm_`` for a mix of sharded (DTensor) and whole gradients:
     the norm over the whole model (each rank's shards' squares summed over the ranks, plus the
     whole gradients' once), the same on every rank; the gradients scaled the same way."""
+    import torch
+
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -272,6 +295,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, world: Wor
 def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
     """Sum the gradients of ``params`` over the ranks in one flat all-reduce (a rank that ran
     no micro-batch this step contributes zeros)."""
+    import torch
+
     params = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters its own
     if not world.several or not params:
         return
@@ -288,6 +313,8 @@ def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
 def same_parameters(params: list[torch.nn.Parameter], world: World) -> None:
     """Every rank starts from rank 0's trained parameters (as DDP does at construction); a
     sharded parameter's shards are each rank's own (they come from the same weights)."""
+    import torch
+
     if not world.several:
         return
     with torch.no_grad():

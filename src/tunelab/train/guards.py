@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from tunelab.errors import TunelabError
 
 
@@ -46,6 +44,8 @@ def out_of_memory_message(cfg, method, where: str) -> str:
 
 
 def is_oom(error: BaseException) -> bool:
+    import torch
+
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
     )

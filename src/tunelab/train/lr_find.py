@@ -24,15 +24,15 @@ import io
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.files import atomic_write_bytes, atomic_write_json
-from tunelab.models.tokenizer import pad_id
-from tunelab.train.loop import accumulate
-from tunelab.train.optim import build_optimizer
-from tunelab.train.plan import RunPlan
 from tunelab.train.report import ema
+
+if TYPE_CHECKING:  # the sweep imports torch when it runs: `tunelab plan` reads results only
+    import torch
+
+    from tunelab.train.plan import RunPlan
 
 DIVERGE = 4.0  # stop once the smoothed loss is this many times its minimum
 BETA = 0.98  # EMA of the loss (fastai's)
@@ -94,6 +94,11 @@ def lr_find(plan: RunPlan, model: torch.nn.Module, *, start: float = 1e-7, end: 
             steps: int = 100, autocast=None, progress=None) -> LrFind:  # fmt: skip
     """Run the range test on ``model`` (the method already applied); its weights change.
     ``progress(step, steps, lr, loss)`` is called after every step."""
+
+    from tunelab.models.tokenizer import pad_id
+    from tunelab.train.loop import accumulate
+    from tunelab.train.optim import build_optimizer
+
     autocast = autocast or contextlib.nullcontext
     optimizer = build_optimizer(plan.method.optimizer_parameters(model), plan.cfg.train,
                                 plan.placement.device.type)  # fmt: skip

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.config.schema import TrainConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
 
 
 def build_optimizer(
@@ -17,6 +19,8 @@ def build_optimizer(
     Parameters that are frozen now but may be unfrozen later can be included: AdamW skips a
     parameter whose ``.grad`` is None.
     """
+    import torch
+
     decay, no_decay = [], []
     for name, p in named_params:
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from tunelab.checkpoint.manager import CheckpointManager, verify
 from tunelab.checkpoint.sharded import is_sharded_checkpoint
 from tunelab.checkpoint.state import (
@@ -117,6 +115,8 @@ class RunPlan:
     def autocast(self, model):
         """The context every forward of ``model`` runs in: autocast at the placement's half
         precision (none in fp32), with what the method needs under it."""
+        import torch
+
         dtype = self.placement.autocast_dtype
         if dtype is None:
             return contextlib.nullcontext()
@@ -261,9 +261,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     total = steps.total_steps(t.epochs, t.max_steps)
     replay, rehearsal = plan_replay(cfg, tokenizer, train, steps, total)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
-    by_document = varlen.kernel_available(
-        placement.device, placement.autocast_dtype or torch.float32
-    )
+    by_document = varlen.kernel_available(placement.device, placement.compute_dtype)
     packing = choose_packing(
         t.packing, objective, steps, model_config, method.trains_base, by_document
     )

@@ -11,7 +11,6 @@ from typing import IO, Any
 
 from tunelab.files import atomic_write_bytes, read_jsonl
 from tunelab.models.methods import summary_fields
-from tunelab.models.nll import perplexity
 
 # ---- metrics.jsonl -----------------------------------------------------------------------
 
@@ -287,6 +286,8 @@ def _results(out: _Lines) -> None:
     nll = info.get("objective", "sft") == "sft"  # a preference loss has no perplexity
 
     def loss(value: float) -> str:
+        from tunelab.models.nll import perplexity  # here: nll imports torch, `tunelab plan` none
+
         return f"{value:.4f} (perplexity {perplexity(value):.2f})" if nll else f"{value:.4f}"
 
     before = pick("initial_eval_loss")

@@ -25,7 +25,12 @@ from tunelab.data.pipeline import load_examples
 from tunelab.errors import ConfigError, ModelError
 from tunelab.files import atomic_write_json, file_sha256
 from tunelab.models import catalog
-from tunelab.models.device import cpu_training_precision, device_name, training_attention
+from tunelab.models.device import (
+    cpu_training_precision,
+    cuda_available,
+    device_name,
+    training_attention,
+)
 from tunelab.models.load import WEIGHT_SUFFIXES, load_model_config, resolve_model
 from tunelab.models.memory import GIB, Activity, Memory, estimate_memory, rule_of_thumb
 from tunelab.models.methods import get_method
@@ -196,7 +201,7 @@ def _cached_data_shape(cfg: Config, examples) -> DataShape:
     reads — the data file's and the tokenizer folder's bytes, the data settings, the micro-batch
     size and seed, tunelab's code and the tokenizer libraries' versions — so a second ``tunelab
     plan`` of the same data (the usual loop: plan, change a setting, plan again) neither imports
-    transformers nor tokenizes: ~1 s of its ~3. A damaged entry is recomputed."""
+    transformers nor tokenizes (~1 s). A damaged entry is recomputed."""
     source = cfg.model.tokenizer or resolve_model(cfg.model.name)
     key = _shape_key(cfg, source)
     path = catalog.home() / "plan-cache" / f"{key}.json" if key else None
@@ -294,9 +299,7 @@ def target(quote: Quote) -> Device:
 
 
 def _here() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda_available() else "cpu"
 
 
 def measured_runs(history: Path) -> list[tuple[Path, str, float, str]]:
@@ -370,8 +373,6 @@ def card_mfu(cfg: Config, card: str, history: Path) -> tuple[float, str]:
 
 def fit_devices(quote: Quote, flops: float, history: Path) -> list[Device]:
     """This machine first (its GPU, else its RAM), then the common cards."""
-    import torch
-
     cfg, out = quote.cfg, []
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum
     rows = []
@@ -379,6 +380,8 @@ def fit_devices(quote: Quote, flops: float, history: Path) -> list[Device]:
         out.append(Device(name=f"this machine: {cfg.method.name} needs a CUDA GPU",
                           memory_gib=round(ram_bytes() / GIB, 1), fits=False, max_micro_batch=0, grad_accum=0))  # fmt: skip
     elif quote.here == "cuda":
+        import torch
+
         rows.append(
             ("this machine (GPU)", torch.cuda.get_device_properties(0).total_memory, "cuda", None)
         )

@@ -22,12 +22,14 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tunelab.config.schema import MethodConfig
 from tunelab.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # torch is imported where a model is at hand: `tunelab plan` reads no torch
+    import torch
+    from torch import nn
 
 
 class Method:

@@ -4,10 +4,13 @@ layers as training goes (progressive unfreezing). With tied input/output embeddi
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError
 from tunelab.models.methods.base import Method
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class Freeze(Method):
@@ -68,6 +71,8 @@ class Freeze(Method):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer layers: the first ``nn.ModuleList`` named ``...model.layers``,
     else the first named ``...layers`` (Llama, Qwen2, Gemma, Mistral, Phi-3...)."""
+    from torch import nn
+
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     for suffix in ("model.layers", "layers"):
         for name, module in lists:

@@ -7,11 +7,13 @@ loadable with ``PeftModel.from_pretrained``.
 from __future__ import annotations
 
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError, ModelError
 from tunelab.models.methods.base import Method, check_keys, is_quantized, listing
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TARGET_PRESETS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -167,6 +169,8 @@ def resolve_targets(model: nn.Module, targets: list[str] | str) -> list[str] | s
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct last names of the model's linear layers (``q_proj``, ``lm_head``...)."""
+    from torch import nn
+
     out: list[str] = []
     for name, module in model.named_modules():
         is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -202,6 +206,8 @@ def _untie_adapted_embeddings(base: nn.Module) -> None:
     inp_base, out_base = getattr(inp, "base_layer", inp), getattr(out, "base_layer", out)
     if inp_base.weight is not out_base.weight:
         return
+    from torch import nn
+
     weight = out_base.weight
     out_base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
     for config in {id(c): c for c in _configs(base)}.values():

@@ -12,22 +12,20 @@ Selected by ``train.objective``; the preference objectives' settings are ``train
 
 from __future__ import annotations
 
+import importlib
+
 from tunelab.config.schema import Config
 from tunelab.train.objectives.base import Objective
 
+#: train.objective -> (module, class); only the chosen one is imported
+CLASSES = {"sft": ("sft", "SFT"), "dpo": ("dpo", "DPO"), "kto": ("kto", "KTO"),
+           "simpo": ("simpo", "SimPO"), "orpo": ("orpo", "ORPO")}  # fmt: skip
+
 
 def get_objective(cfg: Config) -> Objective:
-    from tunelab.train.objectives.dpo import DPO
-    from tunelab.train.objectives.kto import KTO
-    from tunelab.train.objectives.orpo import ORPO
-    from tunelab.train.objectives.sft import SFT
-    from tunelab.train.objectives.simpo import SimPO
-
-    name = cfg.train.objective
-    if name == "sft":
-        return SFT()
-    kinds = {"dpo": DPO, "kto": KTO, "simpo": SimPO, "orpo": ORPO}
-    return kinds[name](cfg.train.preference)
+    module, name = CLASSES[cfg.train.objective]
+    kind = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return kind() if cfg.train.objective == "sft" else kind(cfg.train.preference)
 
 
 __all__ = ["Objective", "get_objective"]

@@ -33,12 +33,13 @@ The preference objectives add:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from tunelab.data.records import Example
 from tunelab.data.tokenize import TokenizedExample
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
 
 
 class Objective(Protocol):

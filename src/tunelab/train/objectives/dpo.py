@@ -12,8 +12,6 @@ Rewards (logged): β times each answer's log-ratio.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from tunelab.train.objectives.pairs import PreferencePairs, halves
 
 DEFAULT_BETA = 0.1
@@ -24,6 +22,8 @@ class DPO(PreferencePairs):
     uses_reference = True
 
     def pair_losses(self, logps, counts, ref, rows):
+        import torch.nn.functional as F
+
         beta = self.settings.beta or DEFAULT_BETA
         policy_w, policy_l = halves(logps)
         ref_w, ref_l = halves(ref)

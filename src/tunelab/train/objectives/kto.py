@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tunelab.data.records import Example
 from tunelab.data.tokenize import Encoded, TokenizedExample
 from tunelab.errors import DataError, Problem
-from tunelab.models.nll import HEAD_CHUNK
+from tunelab.models.device import HEAD_CHUNK
 from tunelab.train.objectives.pairs import (
     PreferenceObjective,
     Rows,
@@ -38,6 +38,9 @@ from tunelab.train.objectives.pairs import (
     score,
     seeded_derangement,
 )
+
+if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
+    import torch
 
 DEFAULT_BETA = 0.1
 
@@ -97,6 +100,8 @@ class KTO(PreferenceObjective):
         return [example.seq, example.kl]
 
     def collate(self, examples: Sequence[TokenizedExample], pad_id: int) -> KTOBatch:
+        import torch
+
         own, kl = example_refs(examples, 0), example_refs(examples, 1)
         desirable = torch.tensor([t.example.label is True for t in examples])
         return KTOBatch(collate_rows([t.seq for t in examples], pad_id, own, self.pad_to),
@@ -107,6 +112,8 @@ class KTO(PreferenceObjective):
         return float(batch.desirable.numel())
 
     def loss_sum(self, model: torch.nn.Module, batch: KTOBatch) -> torch.Tensor:
+        import torch
+
         logps, counts = score(model, batch.rows, self.chunk)
         with torch.no_grad():
             kl_logps, _ = score(model, batch.kl, self.chunk)
@@ -115,6 +122,8 @@ class KTO(PreferenceObjective):
         return self.losses(logps, ref, kl_logps, ref_kl, batch.desirable, counts).sum()
 
     def losses(self, logps, ref, kl_logps, ref_kl, desirable, counts=None) -> torch.Tensor:
+        import torch
+
         beta = self.settings.beta or DEFAULT_BETA
         z0 = (kl_logps - ref_kl).mean().clamp(min=0).detach()
         ratio = logps - ref

@@ -14,16 +14,20 @@ Rewards (logged, as TRL does): λ times each answer's mean token log-probability
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-from tunelab.models.nll import target_weights, token_logps
+import numpy as np
+
 from tunelab.train.objectives.pairs import PreferencePairs, Rows, halves
+
+if TYPE_CHECKING:  # torch and the loss are imported where used: `tunelab plan` reads neither
+    import torch
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 − exp(x)) for x < 0, stable near 0 and for very negative x."""
+    import torch
+
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -32,11 +36,17 @@ class ORPO(PreferencePairs):
     uses_reference = False
 
     def weight(self, rows: Rows) -> np.ndarray:
+        from tunelab.models.nll import target_weights
+
         half = rows.tokens.input_ids.shape[0] // 2
         sft = float(target_weights(rows.tokens.loss_weights[:half]).sum())
         return np.array([sft, half], dtype=np.float64)
 
     def loss_sum(self, model: torch.nn.Module, rows: Rows) -> torch.Tensor:
+        import torch
+
+        from tunelab.models.nll import target_weights, token_logps
+
         b, half = rows.tokens, rows.tokens.input_ids.shape[0] // 2
         sft_targets = b.loss_weights > 0
         sft_targets[half:] = False
@@ -49,6 +59,8 @@ class ORPO(PreferencePairs):
         return torch.stack([nll, odds])
 
     def pair_losses(self, logps, counts, ref, rows):
+        import torch.nn.functional as F
+
         lam = self.settings.orpo_lambda
         mean_w, mean_l = halves(logps / counts.clamp(min=1))
         log_odds = (mean_w - mean_l) - (log1mexp(mean_w) - log1mexp(mean_l))

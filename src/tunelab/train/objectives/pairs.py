@@ -18,18 +18,21 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tunelab.data.collate import Batch, collate
 from tunelab.data.records import Example
 from tunelab.data.tokenize import Encoded, TokenizedExample
 from tunelab.errors import DataError, Problem
-from tunelab.models.nll import HEAD_CHUNK, token_logps
+from tunelab.models.device import HEAD_CHUNK
+
+if TYPE_CHECKING:  # torch and the loss are imported where used: `tunelab plan` reads neither
+    import torch
 
 #: (model, rows) -> reference log-probability of each row, computed without gradient.
-ReferenceFn = Callable[[torch.nn.Module, "Rows"], torch.Tensor]
+ReferenceFn = Callable[["torch.nn.Module", "Rows"], "torch.Tensor"]
 
 
 @dataclass
@@ -52,6 +55,8 @@ class Rows:
 def collate_rows(
     seqs: Sequence[Encoded], pad_id: int, refs: Sequence[float] | None, pad_to: int | None = None
 ) -> Rows:
+    import torch
+
     tokens = collate(seqs, pad_id, pad_to_multiple_of=pad_to)
     response = torch.zeros(tokens.input_ids.shape, dtype=torch.bool)
     for i, s in enumerate(seqs):
@@ -70,6 +75,10 @@ def example_refs(examples: Sequence[TokenizedExample], slot: int) -> list[float]
 
 def score(model: torch.nn.Module, rows: Rows, chunk: int = HEAD_CHUNK):
     """(sum of the answer's token log-probabilities [N], number of answer tokens [N])."""
+    import torch
+
+    from tunelab.models.nll import token_logps
+
     b = rows.tokens
     per_token = token_logps(model, b.input_ids, b.attention_mask, b.position_ids,
                             rows.response, chunk)  # fmt: skip
@@ -77,6 +86,8 @@ def score(model: torch.nn.Module, rows: Rows, chunk: int = HEAD_CHUNK):
 
 
 def reference_logps(model, rows: Rows, reference: ReferenceFn | None) -> torch.Tensor:
+    import torch
+
     if rows.ref is not None:
         return rows.ref
     if reference is None:

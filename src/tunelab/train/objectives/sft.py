@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.data.collate import Batch, collate, pack
 from tunelab.data.records import Example
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import DataError, Problem
-from tunelab.models.nll import HEAD_CHUNK, causal_lm_nll_sum, target_weights
+from tunelab.models.device import HEAD_CHUNK
+
+if TYPE_CHECKING:  # torch and the loss are imported where used: `tunelab plan` reads neither
+    import torch
 
 #: Record formats SFT cannot learn from, and why (with the objective that fits them).
 REFUSED = {
@@ -56,9 +58,13 @@ class SFT:
         return pack(seqs) if self.pack else collate(seqs, pad_id, pad_to_multiple_of=self.pad_to)
 
     def weight(self, batch: Batch) -> float:
+        from tunelab.models.nll import target_weights
+
         return float(target_weights(batch.loss_weights).sum())
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        from tunelab.models.nll import causal_lm_nll_sum
+
         return causal_lm_nll_sum(
             model, batch.input_ids, batch.model_mask, batch.position_ids,
             batch.loss_weights, self.chunk, (batch.cu_seqlens, batch.max_len),

@@ -9,8 +9,6 @@ no reference model, and a target margin γ between chosen and rejected:
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from tunelab.train.objectives.pairs import PreferencePairs, halves
 
 DEFAULT_BETA = 2.0
@@ -21,6 +19,8 @@ class SimPO(PreferencePairs):
     uses_reference = False
 
     def pair_losses(self, logps, counts, ref, rows):
+        import torch.nn.functional as F
+
         beta, gamma = self.settings.beta or DEFAULT_BETA, self.settings.simpo_gamma
         mean_w, mean_l = halves(logps / counts.clamp(min=1))
         z = beta * (mean_w - mean_l) - gamma
