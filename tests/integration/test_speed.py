@@ -315,3 +315,6 @@ def test_a_token_budget_trains_the_same_run_in_fewer_forwards(tmp_path, model_di
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         build_plan(config(tmp_path / "dpo", model_dir, pairs, "train.micro_batch_tokens=64",
                           "train.objective=dpo"), read_weights=False)  # fmt: skip
+    auto = build_plan(config(tmp_path / "dpo-auto", model_dir, pairs, "train.micro_batch_tokens=auto",
+                             "train.objective=dpo"), read_weights=False)  # fmt: skip
+    assert auto.steps.max_tokens is None  # auto: where it applies (pairs stay in their rows)

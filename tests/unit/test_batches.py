@@ -44,5 +44,41 @@ def test_out_of_memory_advice_names_the_token_budget_when_one_is_set():
     cfg = load_config(None, ["train.micro_batch_tokens=2048"])
     said = out_of_memory_message(cfg, get_method(cfg.method), "step 3")
     assert "train.micro_batch_tokens=1024" in said
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["train.micro_batch_tokens=null"])
     assert "micro_batch_tokens" not in out_of_memory_message(cfg, get_method(cfg.method), "step 3")
+
+
+def test_auto_budgets_the_configs_widest_forward():
+    """``auto``: micro_batch_size rows of the longest sequence — no forward wider (in padded
+    tokens) than the worst one the fixed micro-batches allow; fewer forwards where lengths vary."""
+    from tunelab.train.batches import token_budget
+
+    lengths = [random.Random(i).randint(5, 40) for i in range(64)]
+    lengths[10] = 120  # a long tail, as in instruction data
+    assert token_budget("auto", 4, lengths) == 4 * max(lengths) == 480
+    assert token_budget(512, 4, lengths) == 512 and token_budget(None, 4, lengths) is None
+    common = dict(micro_batch_size=4, grad_accum=2, seed=3, group_by_length=False)
+    fixed, auto = StepPlan(lengths, **common), StepPlan(lengths, **common, max_tokens="auto")
+    assert auto.max_tokens == 480
+    forwards = {id(p): sum(len(step) for step in p.epoch(0)) for p in (fixed, auto)}
+    assert forwards[id(auto)] < forwards[id(fixed)] == 16
+    for step in auto.epoch(0):
+        for mb in step:
+            assert len(mb) * max(lengths[i] for i in mb) <= 480
+
+
+def test_auto_budget_in_the_config_and_the_out_of_memory_advice():
+    import pytest
+
+    from tunelab.config.load import load_config
+    from tunelab.errors import ConfigError
+    from tunelab.models.methods import get_method
+    from tunelab.train.guards import out_of_memory_message
+
+    cfg = load_config(None, [])
+    assert cfg.train.micro_batch_tokens == "auto"  # the default
+    said = out_of_memory_message(cfg, get_method(cfg.method), "step 3")
+    assert "train.micro_batch_tokens=null" in said
+    for bad in ("big", "0", "-5"):
+        with pytest.raises(ConfigError, match="micro_batch_tokens"):
+            load_config(None, [f"train.micro_batch_tokens={bad}"])

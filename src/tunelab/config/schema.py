@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 #: Every field a data record may have (the data layer reads these; data.columns maps onto them).
 RECORD_FIELDS = ("instruction", "input", "output", "system", "history", "messages", "prompt",
@@ -122,11 +122,13 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    micro_batch_tokens: int | None = Field(
-        None, gt=0,
+    micro_batch_tokens: PositiveInt | Literal["auto"] | None = Field(
+        "auto",
         description="SFT: run each step's micro_batch_size x grad_accum sequences in as few "
         "forward passes as fit this many padded tokens (rows x longest), longest first. The "
-        "step's gradient is unchanged; memory follows the budget (null: micro_batch_size rows).",
+        "step's gradient is unchanged; memory follows the budget. auto: micro_batch_size x the "
+        "longest training sequence — no forward wider than the widest micro_batch_size rows can "
+        "make, more and shorter rows where a step has them (null: micro_batch_size rows).",
     )  # fmt: skip
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -25,6 +25,15 @@ import random
 from collections.abc import Sequence
 
 
+def token_budget(setting: int | str | None, micro_batch_size: int, lengths: Sequence[int]):
+    """``train.micro_batch_tokens`` in tokens: ``auto`` is ``micro_batch_size`` rows of the
+    longest sequence — the widest forward the config already allows (and ``tunelab plan``
+    quotes memory for), filled with more, shorter rows where the step has them."""
+    if setting == "auto":
+        return micro_batch_size * max(lengths)
+    return setting
+
+
 class StepPlan:
     def __init__(
         self,
@@ -47,7 +56,7 @@ class StepPlan:
         self.ga = grad_accum
         self.seed = seed
         self.group = group_by_length
-        self.max_tokens = max_tokens
+        self.max_tokens = token_budget(max_tokens, micro_batch_size, self.lengths)
         self.replay_per_step = replay_per_step
         self.replay = 0  # the replay pool's size, once attached
 

@@ -21,7 +21,9 @@ def out_of_memory_message(cfg, method, where: str) -> str:
     t, m = cfg.train, cfg.model
     tips = []
     if where != "model load":
-        if t.micro_batch_tokens:  # the budget, not micro_batch_size, sizes the forwards
+        if t.micro_batch_tokens == "auto":  # every forward as wide as the widest
+            tips.append("no token budget (train.micro_batch_tokens=null: micro_batch_size rows)")
+        elif t.micro_batch_tokens:  # the budget, not micro_batch_size, sizes the forwards
             tips.append(f"a smaller token budget (train.micro_batch_tokens="
                         f"{max(1, t.micro_batch_tokens // 2)}, or null: micro_batch_size rows)")  # fmt: skip
         tips += [

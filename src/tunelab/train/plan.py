@@ -34,7 +34,7 @@ from tunelab.models.load import describe_config, load_model_config, model_finger
 from tunelab.models.methods import Method, get_method
 from tunelab.models.shape import model_shape
 from tunelab.models.tokenizer import load_tokenizer
-from tunelab.train.batches import StepPlan
+from tunelab.train.batches import StepPlan, token_budget
 from tunelab.train.distributed import ONE, World, choose_distributed
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
@@ -159,8 +159,8 @@ class RunPlan:
                        f"{sum(len(x.seq) for x in self.val):,} validation"),
             ("batching", f"{t.micro_batch_size} x {t.grad_accum} accumulation = "
                          f"{t.micro_batch_size * t.grad_accum} {_unit(self)} per step"
-                         + (f", run in forwards of up to {t.micro_batch_tokens} padded tokens"
-                            if t.micro_batch_tokens else "")
+                         + (f", run in forwards of up to {self.steps.max_tokens} padded tokens"
+                            if getattr(self.steps, "max_tokens", None) else "")
                          + (f"; {self.packing[1]}" if self.packing[1] else "")
                          + (f"; widths padded to a multiple of {self.objective.pad_to} (bf16 on a "
                             "CPU: fewer kernel shapes)" if self.objective.pad_to else "")),
@@ -209,7 +209,8 @@ def _attention(cfg: Config, placement, by_document: bool, packed: bool, seqs: li
     t, lengths = cfg.train, sequence_stats(seqs)[0]
     longest = max(lengths)
     if packed:  # a packed row: the micro-batch's sequences end to end
-        longest = max(longest, t.micro_batch_tokens or sum(sorted(lengths)[-t.micro_batch_size :]))
+        budget = token_budget(t.micro_batch_tokens, t.micro_batch_size, lengths)
+        longest = max(longest, budget or sum(sorted(lengths)[-t.micro_batch_size :]))
     return training_attention(placement.device.type, longest)
 
 
@@ -296,11 +297,14 @@ def step_plan(cfg: Config, objective, train: list, tokenizer) -> StepPlan | Stag
     t = cfg.train
     if cfg.stages:
         return staged_steps(cfg, tokenizer, train)
-    if t.micro_batch_tokens and not objective.can_pack:
-        raise ConfigError(f"train.micro_batch_tokens works with train.objective=sft only "
-                          f"({objective.name} batches pairs); remove it")  # fmt: skip
+    budget = t.micro_batch_tokens
+    if budget and not objective.can_pack:
+        if budget != "auto":
+            raise ConfigError(f"train.micro_batch_tokens works with train.objective=sft only "
+                              f"({objective.name} batches pairs); remove it")  # fmt: skip
+        budget = None  # auto: where it applies
     return StepPlan([len(x.seq) for x in train], micro_batch_size=t.micro_batch_size,
-                    grad_accum=t.grad_accum, seed=t.seed, max_tokens=t.micro_batch_tokens,
+                    grad_accum=t.grad_accum, seed=t.seed, max_tokens=budget,
                     replay_per_step=replay_per_step(cfg))  # fmt: skip
 
 

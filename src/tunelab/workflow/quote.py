@@ -278,8 +278,9 @@ def _data_shape(cfg: Config, examples, source: Path | str) -> DataShape:
         weighted, pairs, rows = 1.0 if cfg.data.prompt_loss_weight > 0 else 0.5, False, lengths
     per_row = 2 if pairs else 1  # a pair is two sequences padded to the longer
     t = cfg.train
+    budget = t.micro_batch_tokens if get_objective(cfg).can_pack else None  # as train/plan.py
     steps = StepPlan(rows, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                     seed=t.seed, max_tokens=t.micro_batch_tokens)  # fmt: skip
+                     seed=t.seed, max_tokens=budget)  # fmt: skip
     worst = max((len(mb) * max(rows[i] for i in mb), len(mb), max(rows[i] for i in mb))
                 for step in steps.epoch(0) for mb in step)  # fmt: skip
     return DataShape(
