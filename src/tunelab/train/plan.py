@@ -254,6 +254,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     if cfg.model.precision == "auto":  # on a CPU, bf16 where it pays for this model's width
         text = model_config.get("text_config") or model_config
         placement = choose_placement(cfg.model, train_hidden=text.get("hidden_size"))
+        placement = world.share(placement)  # rank 0's: a timing could tip ranks apart
     tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name))
     train, val, dropped, truncated = datasets(cfg, tokenizer, examples, val_examples)
     objective_notes = objective.prepare(train, val, cfg)

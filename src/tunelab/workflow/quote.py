@@ -281,11 +281,12 @@ def _data_shape(cfg: Config, examples, source: Path | str) -> DataShape:
     budget = t.micro_batch_tokens if get_objective(cfg).can_pack else None  # as train/plan.py
     steps = StepPlan(rows, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                      seed=t.seed, max_tokens=budget)  # fmt: skip
-    worst = max((len(mb) * max(rows[i] for i in mb), len(mb), max(rows[i] for i in mb))
+    # the most padded tokens; of those the widest (eager attention grows with rows x width²)
+    worst = max((len(mb) * max(rows[i] for i in mb), max(rows[i] for i in mb), len(mb))
                 for step in steps.epoch(0) for mb in step)  # fmt: skip
     return DataShape(
         examples=len(rows), tokens=sum(lengths), median_len=int(statistics.median(lengths)),
-        max_len=max(lengths), worst_batch=(worst[1] * per_row, worst[2]),
+        max_len=max(lengths), worst_batch=(worst[2] * per_row, worst[1]),
         weighted_share=round(weighted, 4), s_eff=sum(x * x for x in lengths) / sum(lengths),
         pairs=pairs, estimated=estimated,
     )  # fmt: skip
