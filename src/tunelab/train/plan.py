@@ -34,7 +34,7 @@ from tunelab.models.load import describe_config, load_model_config, model_finger
 from tunelab.models.methods import Method, get_method
 from tunelab.models.shape import model_shape
 from tunelab.models.tokenizer import load_tokenizer
-from tunelab.train.batches import StepPlan, token_budget
+from tunelab.train.batches import StepPlan
 from tunelab.train.distributed import ONE, World, choose_distributed
 from tunelab.train.objectives import Objective, get_objective
 from tunelab.train.optim import warmup_steps
@@ -201,15 +201,16 @@ def flops_per_token(model_config: dict, method, train: list[TokenizedExample],
     )  # fmt: skip
 
 
-def _attention(cfg: Config, placement, by_document: bool, packed: bool, seqs: list) -> str:
+def _attention(cfg: Config, placement, by_document: bool, packed: bool, seqs: list,
+               budget: int | None) -> str:  # fmt: skip
     """The attention implementation to train with: the varlen one for packed rows with a
-    kernel, else the device's choice for the widest row (models/device.py)."""
+    kernel, else the device's choice for the widest row (models/device.py). ``budget``: the
+    step plan's token budget, if any."""
     if by_document:
         return varlen.NAME
     t, lengths = cfg.train, sequence_stats(seqs)[0]
     longest = max(lengths)
     if packed:  # a packed row: the micro-batch's sequences end to end
-        budget = token_budget(t.micro_batch_tokens, t.micro_batch_size, lengths)
         longest = max(longest, budget or sum(sorted(lengths)[-t.micro_batch_size :]))
     return training_attention(placement.device.type, longest)
 
@@ -274,7 +275,8 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     if objective.can_pack:
         objective.pack = packing[0]
     objective.pad_to = pad_multiple(placement.device.type, placement.precision)
-    attention = _attention(cfg, placement, packing[0] and by_document, packing[0], train + val)
+    attention = _attention(cfg, placement, packing[0] and by_document, packing[0], train + val,
+                           getattr(steps, "max_tokens", None))  # fmt: skip
     device = placement.device.type
     key = compile_key(model_config, cfg.method.model_dump(), placement.precision, device, attention)
     flops = run_flops(cfg, model_config, method, train, total)
