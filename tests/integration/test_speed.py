@@ -5,6 +5,7 @@ import json
 import statistics
 
 from tests.integration.runs import config, losses, quiet
+from tunelab.models.attention import NAME as MATMUL
 from tunelab.workflow.finetune import finetune
 from tunelab.workflow.quote import make_quote
 
@@ -21,7 +22,7 @@ def test_bf16_training_keeps_loss_parity_with_fp32(tmp_path, model_dir, data_fil
     assert 0 < drift < 0.01, drift  # bf16 really ran (not bit-identical) and stayed close
     assert fp32[-1] < 0.95 * fp32[0]  # over a curve that moves
     result = json.loads((runs["bf16"] / "result.json").read_text())
-    assert result["precision"] == "bf16" and result["attention"] == "eager"  # short, on a CPU
+    assert result["precision"] == "bf16" and result["attention"] == MATMUL  # short, on a CPU
 
 
 def test_lora_under_autocast_skips_peft_casts_and_changes_no_number(tmp_path, model_dir, data_file):
@@ -36,7 +37,7 @@ def test_lora_under_autocast_skips_peft_casts_and_changes_no_number(tmp_path, mo
 
     plan = build_plan(config(tmp_path, model_dir, data_file, "model.precision=bf16"))
     model = plan.method.apply(load(plan))
-    assert plan.attention == "eager" and model.config._attn_implementation == "eager"
+    assert plan.attention == MATMUL and model.config._attn_implementation == MATMUL
     batch = plan.objective.collate(plan.train[:4], pad_id(plan.tokenizer))
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     results = []
@@ -215,9 +216,9 @@ def test_packed_training_follows_the_padded_run(tmp_path, model_dir, data_file):
 def test_on_a_cpu_each_micro_batch_gets_the_attention_of_its_width(
     tmp_path, model_dir, data_file, monkeypatch
 ):
-    """Rows longer than EAGER_MAX_LEN somewhere in the data: the plan says eager+sdpa, and each
-    forward picks eager for a narrow micro-batch and SDPA for a wide one (the field every
-    attention layer reads), with the same loss either way."""
+    """Rows longer than MATMUL_MAX_LEN somewhere in the data: the plan says <matmul>+sdpa, and
+    each forward picks matmuls for a narrow micro-batch and SDPA for a wide one (the field
+    every attention layer reads), with the same loss either way."""
     import torch
 
     import tunelab.models.device as device
@@ -228,9 +229,9 @@ def test_on_a_cpu_each_micro_batch_gets_the_attention_of_its_width(
     by_length = sorted(plain.train, key=lambda t: len(t.seq))
     short, long = by_length[:2], by_length[-2:]
     assert len(short[-1].seq) < len(long[0].seq)
-    monkeypatch.setattr(device, "EAGER_MAX_LEN", len(short[-1].seq))
+    monkeypatch.setattr(device, "MATMUL_MAX_LEN", len(short[-1].seq))
     plan = build_plan(config(tmp_path / "b", model_dir, data_file, "model.precision=fp32"))
-    assert plan.attention == "eager+sdpa"
+    assert plan.attention == f"{MATMUL}+sdpa"
     assert "for 2 graphs (two attentions)" in plan.compile[1], plan.compile  # auto's cost
     assert "graphs" not in plain.compile[1], plain.compile
     model = plan.method.apply(load(plan))
@@ -241,7 +242,7 @@ def test_on_a_cpu_each_micro_batch_gets_the_attention_of_its_width(
     for name, examples in (("short", short), ("long", long), ("short again", short)):
         with torch.no_grad():
             losses[name] = plan.objective.loss_sum(model, plan.objective.collate(examples, 0))
-    assert seen == ["eager", "sdpa", "eager"]
+    assert seen == [MATMUL, "sdpa", MATMUL]
     reference = plain.method.apply(load(plain))  # no hook: SDPA for every batch
     reference.set_attn_implementation("sdpa")
     with torch.no_grad():

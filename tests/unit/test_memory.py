@@ -116,20 +116,22 @@ def test_the_cpu_optimizer_step_holds_temporaries_of_the_largest_trained_tensor(
     assert lora.update == 3 * 4 * 16 * 8192
 
 
-def test_eager_attention_keeps_its_probabilities():
-    """Eager attention (short sequences on a CPU) keeps each layer's fp32 softmax and its cast:
-    batch x heads x length² x (4 + 2) bytes in bf16, for every trained layer."""
-    sdpa = estimate_memory(SMOLLM2, M(name="lora"), _act(precision="bf16"))
-    eager = estimate_memory(SMOLLM2, M(name="lora"), _act(precision="bf16", eager_attention=True))
-    assert eager.activations - sdpa.activations == 30 * 4 * 9 * 128**2 * 6
+def test_matmul_attention_keeps_its_probabilities():
+    """Matmul attention (short sequences on a CPU) keeps each layer's probabilities in the
+    compute dtype: batch x heads x length² x 2 bytes in bf16, 4 in fp32, every trained layer."""
+    for precision, size in (("bf16", 2), ("fp32", 4)):
+        sdpa = estimate_memory(SMOLLM2, M(name="lora"), _act(precision=precision))
+        matmul = estimate_memory(SMOLLM2, M(name="lora"),
+                                 _act(precision=precision, matmul_attention=True))  # fmt: skip
+        assert matmul.activations - sdpa.activations == 30 * 4 * 9 * 128**2 * size
 
 
-def test_eager_attention_is_counted_only_up_to_the_width_that_runs_eager():
-    """With rows past EAGER_MAX_LEN (eager+sdpa on a CPU) the widest eager micro-batch is
-    EAGER_MAX_LEN wide: its probabilities are counted at that width, not the longest row's."""
-    from tunelab.models.device import EAGER_MAX_LEN
+def test_matmul_attention_is_counted_only_up_to_the_width_that_runs_it():
+    """With rows past MATMUL_MAX_LEN (<matmul>+sdpa on a CPU) the widest matmul micro-batch is
+    MATMUL_MAX_LEN wide: its probabilities are counted at that width, not the longest row's."""
+    from tunelab.models.device import MATMUL_MAX_LEN
 
-    long = dict(precision="bf16", seq_len=400)
+    long = dict(precision="bf16", seq_len=800)
     sdpa = estimate_memory(SMOLLM2, M(name="lora"), _act(**long))
-    mixed = estimate_memory(SMOLLM2, M(name="lora"), _act(**long, eager_attention=True))
-    assert mixed.activations - sdpa.activations == 30 * 4 * 9 * EAGER_MAX_LEN**2 * 6
+    mixed = estimate_memory(SMOLLM2, M(name="lora"), _act(**long, matmul_attention=True))
+    assert mixed.activations - sdpa.activations == 30 * 4 * 9 * MATMUL_MAX_LEN**2 * 2

@@ -9,6 +9,7 @@ import torch
 
 from tunelab.data.collate import collate, pack
 from tunelab.data.tokenize import Encoded
+from tunelab.models import attention as matmul
 from tunelab.models import varlen
 from tunelab.models.nll import causal_lm_nll_sum
 from tunelab.testing import tiny_model, tiny_tokenizer
@@ -52,7 +53,7 @@ def test_a_packed_row_is_the_sequences_back_to_back():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
-@pytest.mark.parametrize("attention", ["eager", "sdpa", varlen.NAME])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", matmul.NAME, varlen.NAME])
 def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
     model, vocab = _model(arch)
     rng = np.random.default_rng(1)
@@ -60,6 +61,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
     model.set_attn_implementation("eager")
     padded_loss, padded_grads = _loss_and_grads(model, collate(seqs, 0))
     varlen.register()
+    matmul.register()
     model.set_attn_implementation(attention)
     packed_loss, packed_grads = _loss_and_grads(model, pack(seqs))
     assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
@@ -67,11 +69,12 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
         torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("attention", ["eager", varlen.NAME])
+@pytest.mark.parametrize("attention", ["eager", matmul.NAME, varlen.NAME])
 def test_a_sequence_in_a_packed_row_does_not_see_its_neighbours(attention):
     """Change every token of the sequence before it: its loss and gradient stay the same."""
     model, vocab = _model("llama")
     varlen.register()
+    matmul.register()
     model.set_attn_implementation(attention)
     rng = np.random.default_rng(2)
     mine, before, other = _seq(rng, 8, vocab), _seq(rng, 6, vocab), _seq(rng, 6, vocab)

@@ -54,10 +54,12 @@ def test_the_timing_is_done_once_per_machine_and_width(cpu):
     assert len(cpu["timed"]) == 4
 
 
-def test_eager_attention_for_short_sequences_on_a_cpu_only():
-    """Every row short: eager; some longer: each micro-batch by its width; a GPU: SDPA."""
-    assert device.training_attention("cpu", 110) == "eager"
-    assert device.training_attention("cpu", device.EAGER_MAX_LEN + 1) == "eager+sdpa"
+def test_matmul_attention_for_short_sequences_on_a_cpu_only():
+    """Every row short: matmuls; some longer: each micro-batch by its width; a GPU: SDPA."""
+    matmul = "tunelab_matmul"
+    assert device.training_attention("cpu", 110) == matmul
+    assert device.training_attention("cpu", device.MATMUL_MAX_LEN) == matmul
+    assert device.training_attention("cpu", device.MATMUL_MAX_LEN + 1) == f"{matmul}+sdpa"
     assert device.training_attention("cuda", 110) == "sdpa"
-    assert device.batch_attention(device.EAGER_MAX_LEN) == "eager"
-    assert device.batch_attention(device.EAGER_MAX_LEN + 1) == "sdpa"
+    assert device.batch_attention(device.MATMUL_MAX_LEN) == matmul
+    assert device.batch_attention(device.MATMUL_MAX_LEN + 1) == "sdpa"

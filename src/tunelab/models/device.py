@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config.schema import ModelConfig
 from tunelab.errors import ConfigError
+from tunelab.models.attention import NAME as MATMUL
 
 if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` on a CPU reads none
     import torch
@@ -100,9 +101,10 @@ def choose_placement(cfg: ModelConfig, *, train_hidden: int | None = None) -> Pl
     return Placement(device, precision, reason)
 
 
-#: On a CPU, attention as plain matmuls beats SDPA's kernels for short sequences (the default
-#: model, bf16, fwd + bwd of 4 x 110 tokens: 1.02 s against 1.25 s), ties at 512, loses at 1024.
-EAGER_MAX_LEN = 256
+#: On a CPU, attention as grouped matmuls (models/attention.py) beats SDPA's kernel up to about
+#: 512 tokens and loses beyond (the default model, bf16, fwd + bwd of 9 heads: 4 x 384 tokens
+#: 21 against 39 ms, 4 x 512 49 against 65 ms, 2 x 768 61 against 46 ms; docs/speed.md).
+MATMUL_MAX_LEN = 512
 
 #: Rows of logits the LM head computes at a time (models/nll.py: the full [tokens, vocab] fp32
 #: logits of a small model are most of its training memory). Here, torch-free, because
@@ -112,16 +114,22 @@ HEAD_CHUNK = 512
 
 def training_attention(device: str, longest: int) -> str:
     """The attention to train with on ``device`` when no row is longer than ``longest`` tokens:
-    ``sdpa`` on a GPU; on a CPU ``eager`` when every row is short, else ``eager+sdpa`` — each
-    micro-batch by its own width (:func:`batch_attention`)."""
+    ``sdpa`` on a GPU; on a CPU grouped matmuls (:data:`~tunelab.models.attention.NAME`) when
+    every row is short enough, else ``<that>+sdpa`` — each micro-batch by its own width
+    (:func:`batch_attention`)."""
     if device != "cpu":
         return "sdpa"
-    return "eager" if longest <= EAGER_MAX_LEN else "eager+sdpa"
+    return MATMUL if longest <= MATMUL_MAX_LEN else f"{MATMUL}+sdpa"
 
 
 def batch_attention(width: int) -> str:
-    """The attention for a CPU batch ``width`` tokens wide (``eager+sdpa``)."""
-    return "eager" if width <= EAGER_MAX_LEN else "sdpa"
+    """The attention for a CPU batch ``width`` tokens wide (``<matmul>+sdpa``)."""
+    return MATMUL if width <= MATMUL_MAX_LEN else "sdpa"
+
+
+def two_attentions(attention: str) -> bool:
+    """Whether ``attention`` picks one of two per micro-batch (:func:`batch_attention`)."""
+    return attention.endswith("+sdpa")
 
 
 def cpu_training_precision(hidden: int) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunelab.models.device import EAGER_MAX_LEN, HEAD_CHUNK
+from tunelab.models.device import HEAD_CHUNK, MATMUL_MAX_LEN
 from tunelab.models.methods import Method
 from tunelab.models.shape import ModelShape
 
@@ -45,7 +45,7 @@ class Activity:
     device: str  # cpu | cuda
     gradient_checkpointing: bool = False
     reference_copy: bool = False  # a frozen second copy of the model (DPO/KTO without precompute)
-    eager_attention: bool = False  # attention as plain matmuls (rows up to EAGER_MAX_LEN on a CPU)
+    matmul_attention: bool = False  # attention as matmuls (rows up to MATMUL_MAX_LEN on a CPU)
 
     @property
     def tokens(self) -> int:
@@ -120,9 +120,9 @@ def estimate_memory(shape: ModelShape, method: Method, act: Activity) -> Memory:
     weights = method.weight_bytes(shape, act.precision)
     act_bytes = 4 if act.precision == "fp32" else 2
     per_layer = layer_activation_elements(shape) * act.tokens * act_bytes
-    if act.eager_attention:  # the fp32 softmax and its cast, [batch, heads, length, length],
-        eager = min(act.seq_len, EAGER_MAX_LEN)  # of the widest micro-batch that runs eager
-        per_layer += act.micro_batch * shape.heads * eager**2 * (4 + act_bytes)
+    if act.matmul_attention:  # the probabilities, [batch, heads, length, length], of the
+        width = min(act.seq_len, MATMUL_MAX_LEN)  # widest micro-batch that runs matmuls
+        per_layer += act.micro_batch * shape.heads * width**2 * act_bytes
     residual = shape.hidden * act.tokens * act_bytes  # a layer's input; the final norm's
     kept = method.trained_layers(shape) * (residual if act.gradient_checkpointing else per_layer)
     recompute = per_layer if act.gradient_checkpointing else 0

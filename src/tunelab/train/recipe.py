@@ -23,8 +23,8 @@ from tunelab.checkpoint.sharded import gather_weights, is_sharded_checkpoint, lo
 from tunelab.checkpoint.state import load_state
 from tunelab.config.load import dump_config
 from tunelab.files import atomic_folder, atomic_write_json, atomic_write_text
-from tunelab.models import varlen
-from tunelab.models.device import batch_attention, device_name
+from tunelab.models import attention, varlen
+from tunelab.models.device import batch_attention, device_name, two_attentions
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
 from tunelab.models.nll import split_head
@@ -95,8 +95,9 @@ def load(plan: RunPlan) -> torch.nn.Module:
         varlen.register()
         model.set_attn_implementation(varlen.NAME)
     elif plan.attention != "sdpa" and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-        if plan.attention == "eager+sdpa":
+        attention.register()  # grouped matmuls on a CPU (models/attention.py)
+        model.set_attn_implementation(attention.NAME)
+        if two_attentions(plan.attention):
             attention_by_width(model)
     if plan.cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -106,7 +107,7 @@ def load(plan: RunPlan) -> torch.nn.Module:
 
 
 def attention_by_width(model: torch.nn.Module) -> None:
-    """Each forward of ``model``'s decoder picks its attention by the batch's width (eager for
+    """Each forward of ``model``'s decoder picks its attention by the batch's width (matmuls for
     short rows on a CPU, SDPA for long ones: :func:`~tunelab.models.device.batch_attention`),
     through the config field every attention layer and the mask builder read."""
     parts = split_head(model)

@@ -47,7 +47,7 @@ def choose_compile(
     compiles where the share compiling saves repays the compilation: within this run when the
     layer graph (``key``, :func:`compile_key`) is in the inductor cache already; cold, over this
     run and the next like it, which then finds the graph cached. ``graphs``: 2 where the run's
-    micro-batches use two attentions (a CPU's ``eager+sdpa``), each a graph to compile."""
+    micro-batches use two attentions (a CPU's ``<matmul>+sdpa``), each a graph to compile."""
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if setting == "off":
         return False, ""
@@ -82,8 +82,10 @@ def choose_compile(
 
 def layer_graphs(attention: str) -> int:
     """How many layer graphs a compiled run of ``attention`` builds: two for a CPU's
-    ``eager+sdpa`` (each micro-batch's attention by its width), else one."""
-    return 2 if attention == "eager+sdpa" else 1
+    ``<matmul>+sdpa`` (each micro-batch's attention by its width), else one."""
+    from tunelab.models.device import two_attentions
+
+    return 2 if two_attentions(attention) else 1
 
 
 def compile_key(

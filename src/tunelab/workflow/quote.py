@@ -192,7 +192,7 @@ def activity(
         weighted_tokens=max(1, round(seqs * (length - 1) * data.weighted_share)),
         precision=precision, device=device,
         gradient_checkpointing=cfg.model.gradient_checkpointing, reference_copy=reference,
-        eager_attention=training_attention(device, data.max_len) != "sdpa",
+        matmul_attention=training_attention(device, data.max_len) != "sdpa",
     )  # fmt: skip
 
 
@@ -281,7 +281,7 @@ def _data_shape(cfg: Config, examples, source: Path | str) -> DataShape:
     budget = t.micro_batch_tokens if get_objective(cfg).can_pack else None  # as train/plan.py
     steps = StepPlan(rows, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                      seed=t.seed, max_tokens=budget)  # fmt: skip
-    # the most padded tokens; of those the widest (eager attention grows with rows x width²)
+    # the most padded tokens; of those the widest (matmul attention grows with rows x width²)
     worst = max((len(mb) * max(rows[i] for i in mb), max(rows[i] for i in mb), len(mb))
                 for step in steps.epoch(0) for mb in step)  # fmt: skip
     return DataShape(
