@@ -119,3 +119,23 @@ def test_a_model_with_matmul_attention_gives_eagers_loss_and_gradients(arch):
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_with_soft_capped_attention_gets_its_own_eager():
+    """Gemma 2 caps its attention logits (``softcap``): the matmul attention hands the call to
+    the model's own eager attention, so the loss is eager's exactly."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    tok = tiny_tokenizer()
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, attn_logit_softcapping=0.01, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    ids = torch.randint(5, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    attention.register()
+    with torch.no_grad():
+        eager = model(input_ids=ids, labels=ids).loss
+        model.set_attn_implementation(attention.NAME)
+        matmul = model(input_ids=ids, labels=ids).loss
+    assert matmul.item() == eager.item()

@@ -21,6 +21,8 @@ tokens wide; wider ones run SDPA, whose memory does not grow with the square of 
 
 from __future__ import annotations
 
+import sys
+
 # torch is imported inside the functions: `tunelab plan` reads this module and no torch
 NAME = "tunelab_matmul"
 
@@ -29,9 +31,15 @@ def matmul_attention(module, query, key, value, attention_mask, scaling=None, dr
                      **kwargs):  # fmt: skip
     """transformers' attention interface: ``query`` [B, H, Tq, D], ``key``/``value``
     [B, H_kv, Tk, D], ``attention_mask`` additive [B, 1, Tq, Tk] or None; returns
-    ([B, Tq, H, D], None)."""
+    ([B, Tq, H, D], None). A model whose attention does more than this — logit soft-capping
+    (Gemma 2), sink logits (gpt-oss) — gets its own eager attention instead."""
     import torch
     import torch.nn.functional as F
+
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                     **kwargs)  # fmt: skip
 
     b, heads, tq, d = query.shape
     kv, tk = key.shape[1], key.shape[2]
