@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tunelab.errors import ConfigError, ModelError
 from tunelab.models.catalog import home
+from tunelab.models.device import two_attentions
 from tunelab.models.shape import model_shape
 from tunelab.train.batches import StepPlan
 
@@ -83,8 +84,6 @@ def choose_compile(
 def layer_graphs(attention: str) -> int:
     """How many layer graphs a compiled run of ``attention`` builds: two for a CPU's
     ``<matmul>+sdpa`` (each micro-batch's attention by its width), else one."""
-    from tunelab.models.device import two_attentions
-
     return 2 if two_attentions(attention) else 1
 
 

@@ -241,18 +241,18 @@ def _fused_forward(self, x, *args, **kwargs):
     from torch import nn
 
     names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
     plain = (
-        not (args or kwargs or self.disable_adapters or self.merged)
-        and len(names) == 1
-        and names[0] in self.lora_A
-        and names[0] not in self.lora_variant
+        name in self.lora_A
+        and not (args or kwargs or self.disable_adapters or self.merged)
+        and name not in self.lora_variant
         and type(self.base_layer) is nn.Linear
-        and isinstance(self.lora_dropout[names[0]], nn.Identity)
-        and self.lora_B[names[0]].bias is None
+        and isinstance(self.lora_dropout[name], nn.Identity)
+        and self.lora_B[name].bias is None
+        # without autocast PEFT casts x to the adapter's dtype; that case stays PEFT's
+        and (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type))
     )
-    name = names[0] if names else None
-    a_weight = self.lora_A[name].weight if plain else None
-    if not plain or (x.dtype != a_weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+    if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     a = self.lora_A[name](x)
