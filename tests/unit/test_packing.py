@@ -52,6 +52,69 @@ def test_a_packed_row_is_the_sequences_back_to_back():
     assert collate(seqs, 0).model_mask is not None
 
 
+def test_a_packed_row_is_filled_to_a_multiple_by_its_last_sequence():
+    """bf16 on a CPU pads widths to a multiple of 32: the filling joins the last sequence (no
+    extra document), weighs nothing, is masked out of the token count and comes after every
+    real token, so no one attends to it."""
+    seqs = [_seq(np.random.default_rng(0), n, 50) for n in (5, 3, 4)]
+    b = pack(seqs, pad_id=1, pad_to=8)
+    assert b.input_ids.shape == (1, 16) and b.input_ids[0, 12:].tolist() == [1] * 4
+    assert b.attention_mask[0].tolist() == [1] * 12 + [0] * 4 and b.num_tokens == 12
+    assert b.loss_weights[0, 12:].tolist() == [0.0] * 4
+    assert b.position_ids[0, 8:].tolist() == list(range(8))  # the last sequence, counting on
+    assert b.cu_seqlens.tolist() == [0, 5, 8, 16] and b.max_len == 8
+    assert pack(seqs, pad_to=4).input_ids.shape == (1, 12)  # already a multiple: nothing added
+
+
+def test_the_gathered_layout_puts_each_token_in_its_documents_slot():
+    layout = varlen.gathered(torch.tensor([0, 5, 8, 12], dtype=torch.int32))
+    w = varlen.GATHER_WIDTH
+    assert layout.width == w and layout.allowed.shape == (3, 1, w, w)
+    slots = layout.slots.view(3, w)
+    assert slots[0, :5].tolist() == [0, 1, 2, 3, 4] and set(slots[0, 5:].tolist()) == {0}
+    assert slots[1, :3].tolist() == [5, 6, 7] and set(slots[1, 3:].tolist()) == {5}
+    assert layout.back.tolist() == [0, 1, 2, 3, 4, w, w + 1, w + 2, 2 * w, 2 * w + 1, 2 * w + 2,
+                                    2 * w + 3]  # fmt: skip
+    owners = layout.owners.view(3, w)
+    assert owners[1, :3].tolist() == [5, 6, 7] and set(owners[1, 3:].tolist()) == {12}
+    seen = layout.allowed[1, 0]
+    assert seen[1].tolist()[:4] == [True, True, False, False]  # causal
+    assert seen[10].tolist()[:4] == [True, True, True, False]  # padding query: real keys only
+    assert torch.equal(layout.slots[layout.back], torch.arange(12))
+
+
+@pytest.mark.parametrize("widest", [None, 8])
+def test_gathered_rows_filled_to_a_multiple_train_as_the_padded_batch(monkeypatch, widest):
+    """On a CPU a packed row's attention runs gathered by document (the grouped matmuls) — or,
+    past the widest row they may take, SDPA per document — with the same loss and gradients
+    as the padded batch, the row's filling included."""
+    model, vocab = _model("llama")
+    rng = np.random.default_rng(4)
+    seqs = [_seq(rng, n, vocab) for n in (11, 4, 13, 6, 1)]
+    model.set_attn_implementation("eager")
+    padded_loss, padded_grads = _loss_and_grads(model, collate(seqs, 0, pad_to_multiple_of=16))
+    varlen.register()
+    model.set_attn_implementation(varlen.NAME)
+    calls = {"gathered": 0, "by_document": 0}
+    for name in calls:
+        monkeypatch.setattr(varlen, f"_{name}", _counted(getattr(varlen, f"_{name}"), calls, name))
+    if widest is not None:
+        monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", widest)
+    packed_loss, packed_grads = _loss_and_grads(model, pack(seqs, 0, pad_to=16))
+    assert calls["gathered" if widest is None else "by_document"] > 0 and 0 in calls.values()
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
+    for name, g in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _counted(fn, calls, name):
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return counted
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa", matmul.NAME, varlen.NAME])
 def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
@@ -128,6 +191,16 @@ def test_with_a_varlen_kernel_auto_packs_wherever_padding_is_left():
     assert packs and "varlen attention" in why
     even = StepPlan([100] * 64, micro_batch_size=4, grad_accum=2, seed=0)
     assert choose_packing("auto", sft, even, LLAMA, False, by_document=True)[0] is False
+    # ... unless the widths are padded to a multiple (bf16 on a CPU): 4 x 128 against 416
+    packs, why = choose_packing("auto", sft, even, LLAMA, False, by_document=True, pad_to=32)
+    assert packs and "packed rows 81%" in why, why
+    assert choose_packing("auto", sft, even, LLAMA, False, pad_to=32)[0] is False  # dense mask
+    # a CPU (the gathered matmuls) packs only where padding is far larger
+    assert choose_packing("auto", sft, even, LLAMA, False, True, 32, "cpu")[0] is False
+    assert choose_packing("auto", sft, alpaca, LLAMA, False, True, 32, "cpu")[0] is False
+    ragged = StepPlan([20, 20, 20, 400] * 16, micro_batch_size=4, grad_accum=2, seed=0,
+                      group_by_length=False)  # fmt: skip
+    assert choose_packing("auto", sft, ragged, LLAMA, False, True, 32, "cpu")[0] is True
 
 
 def test_documents_are_found_where_the_positions_restart():

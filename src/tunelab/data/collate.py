@@ -10,7 +10,10 @@ its id (the pad id may equal EOS: the EOS that ends a reply keeps its weight of 
 (``packed``), which is how transformers recognises packed rows — each token then attends only
 to earlier tokens of its own sequence (the block-diagonal causal mask transformers builds from
 the position ids, or a varlen kernel). The first token of each sequence gets weight 0 as a
-target: nothing before it in the row may predict it.
+target: nothing before it in the row may predict it. With ``pad_to`` the row is filled up to a
+multiple of it (bf16 on a CPU: fewer kernel shapes) by padding appended to the last sequence —
+weight 0, attention mask 0, positions counting on — so no extra document is made: the
+sequence's own tokens come first and never see it.
 """
 
 from __future__ import annotations
@@ -92,20 +95,28 @@ def collate(
     )
 
 
-def pack(seqs: Sequence[Encoded]) -> Batch:
-    """``seqs`` in one row [1, sum of lengths], each attending only to itself (module doc)."""
+def pack(seqs: Sequence[Encoded], pad_id: int = 0, pad_to: int | None = None) -> Batch:
+    """``seqs`` in one row [1, sum of lengths] (rounded up to a multiple of ``pad_to``), each
+    attending only to itself (module doc)."""
     import torch
 
     if not seqs:
         raise ValueError("cannot pack an empty batch")
-    ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in seqs])
-    weights = np.concatenate([np.asarray(s.weights, dtype=np.float32) for s in seqs])
-    positions = np.concatenate([np.arange(len(s), dtype=np.int64) for s in seqs])
-    weights[positions == 0] = 0.0  # a sequence's first token is nobody's target
     lengths = [len(s) for s in seqs]
+    real = sum(lengths)
+    fill = -real % pad_to if pad_to else 0
+    lengths[-1] += fill  # the padding counts as the last sequence's: no document of its own
+    ids = np.concatenate([*(np.asarray(s.input_ids, dtype=np.int64) for s in seqs),
+                          np.full(fill, pad_id, dtype=np.int64)])  # fmt: skip
+    weights = np.concatenate([*(np.asarray(s.weights, dtype=np.float32) for s in seqs),
+                              np.zeros(fill, dtype=np.float32)])  # fmt: skip
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+    weights[positions == 0] = 0.0  # a sequence's first token is nobody's target
+    mask = np.ones(real + fill, dtype=np.int64)
+    mask[real:] = 0
     return Batch(
         torch.from_numpy(ids)[None],
-        torch.ones(1, len(ids), dtype=torch.int64),
+        torch.from_numpy(mask)[None],
         torch.from_numpy(weights)[None],
         torch.from_numpy(positions)[None],
         packed=True,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.models import varlen
 from tunelab.models.device import HEAD_CHUNK
 
 
@@ -220,10 +221,7 @@ def causal_lm_nll_sum(
         use_cache=False,
     )
     if documents is not None and documents[0] is not None:
-        cu, longest = documents
-        inputs.update(
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest
-        )
+        inputs.update(varlen.attention_inputs(*documents, input_ids.device))
     parts = split_head(model)
     if parts is None:
         return weighted_nll_sum(model(**inputs).logits, input_ids, weights)

@@ -10,8 +10,14 @@ and computes each document's causal attention alone:
 
 - on a GPU in half precision, one call of torch's flash-attention varlen kernel
   (``torch.nn.attention.varlen.varlen_attn``) over the whole row;
-- elsewhere (a CPU, fp32), SDPA per document — the same numbers, the reference the kernel is
-  tested against.
+- on a CPU, the row's tokens gathered into a padded [documents, width] batch
+  (:class:`Gathered`, made once a forward by :func:`attention_inputs`), the grouped matmul
+  attention of ``models/attention.py`` over it with a causal mask per document, and the
+  result put back in row order: the linear layers around it see no padding at all, only the
+  attention does — as much as a padded batch of the same sequences (rows longer than
+  :data:`~tunelab.models.device.MATMUL_MAX_LEN` run SDPA per document instead);
+- elsewhere (fp32 on a GPU without the kernel), SDPA per document — the same numbers, the
+  reference both are tested against.
 
 transformers builds no mask for an attention it does not know, so the row reaches here with
 ``attention_mask=None``.
@@ -19,7 +25,10 @@ transformers builds no mask for an attention it does not know, so the row reache
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, NamedTuple
+
+from tunelab.models.device import MATMUL_MAX_LEN
 
 if TYPE_CHECKING:  # torch is imported where it is used: `tunelab plan` reads none
     import torch
@@ -40,6 +49,67 @@ def documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ends.to(torch.int32), int(lengths.max()) if lengths.numel() else 0
 
 
+#: a gathered batch's width is a multiple of this (bf16 on a CPU: fewer kernel shapes)
+GATHER_WIDTH = 32
+
+
+class Gathered(NamedTuple):
+    """Where a packed row's T tokens sit in a padded batch of its B documents, W wide."""
+
+    slots: (
+        torch.Tensor
+    )  # [B * W] int64: the row's token in each slot (padding: the document's first)
+    back: torch.Tensor  # [T] int64: each token's slot
+    allowed: torch.Tensor  # [B, 1, W, W] bool: causal within the document, its real keys only
+    owners: torch.Tensor  # [B * W] int64: the token each slot holds, T for a padding slot
+
+    @property
+    def width(self) -> int:
+        return self.allowed.shape[-1]
+
+
+def gathered(cu_seqlens: torch.Tensor) -> Gathered:
+    """The :class:`Gathered` layout of a packed row whose documents end at ``cu_seqlens``. A
+    padding query row may see its document's every key, so no row of the softmax is empty
+    (its output is never put back, and its gradient is zero)."""
+    import numpy as np
+    import torch
+
+    bounds = cu_seqlens.cpu().numpy().astype(np.int64)
+    starts, lengths = bounds[:-1], np.diff(bounds)
+    width = -(-int(lengths.max()) // GATHER_WIDTH) * GATHER_WIDTH
+    cols = np.arange(width)
+    real = cols[None, :] < lengths[:, None]  # [B, W]
+    slots = np.where(real, starts[:, None] + cols[None, :], starts[:, None])
+    doc = np.repeat(np.arange(len(lengths)), lengths)
+    back = doc * width + np.arange(bounds[-1]) - starts[doc]
+    allowed = np.tril(np.ones((width, width), dtype=bool))[None] & real[:, None, :]
+    owners = np.where(real, slots, bounds[-1]).reshape(-1)
+    return Gathered(torch.from_numpy(slots.reshape(-1)), torch.from_numpy(back),
+                    torch.from_numpy(allowed[:, None]), torch.from_numpy(owners))  # fmt: skip
+
+
+def attention_inputs(cu_seqlens: torch.Tensor, longest: int, device) -> dict:
+    """The keyword arguments a packed row's forward hands down to :func:`varlen_attention`: the
+    documents' bounds (transformers' names) and, on a CPU, their :class:`Gathered` layout —
+    made once for all the layers."""
+    import torch
+
+    inputs = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest,
+                  max_length_k=longest)  # fmt: skip
+    if torch.device(device).type == "cpu":
+        inputs["tunelab_layout"] = gathered(cu_seqlens)
+    return inputs
+
+
+def by_document(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether packed rows run each document's attention alone on ``device`` and cost only their
+    real tokens: with the flash varlen kernel on a GPU, with the gathered matmuls on a CPU."""
+    import torch
+
+    return torch.device(device).type == "cpu" or kernel_available(device, dtype)
+
+
 def kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether torch's flash varlen kernel can run on ``device`` in ``dtype``."""
     import torch
@@ -54,7 +124,8 @@ def kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     cu_seq_lens_q=None, max_length_q=None, position_ids=None, **kwargs):  # fmt: skip
+                     cu_seq_lens_q=None, max_length_q=None, position_ids=None,
+                     tunelab_layout=None, **kwargs):  # fmt: skip
     """transformers' attention interface: ``query`` [1, H, T, D], ``key``/``value``
     [1, H_kv, T, D] of one packed row; returns ([1, T, H, D], None)."""
     import torch
@@ -71,9 +142,62 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_length_q,
                           max_length_q, scale=scaling, window_size=(-1, 0),
                           enable_gqa=k.shape[1] != q.shape[1])  # fmt: skip
+    elif q.device.type == "cpu":
+        layout = gathered(cu_seq_lens_q) if tunelab_layout is None else tunelab_layout
+        if layout.width > MATMUL_MAX_LEN:  # the probabilities would grow with the square
+            out = _by_document(query, key, value, cu_seq_lens_q.tolist(), scaling)
+        else:
+            out = _gathered(module, q, k, v, layout, scaling, dropout, **kwargs)
     else:
         out = _by_document(query, key, value, cu_seq_lens_q.tolist(), scaling)
     return out[None], None
+
+
+def _gathered(module, q, k, v, layout: Gathered, scaling, dropout, **kwargs) -> torch.Tensor:
+    """The grouped matmul attention (models/attention.py) over the row's tokens ``q``, ``k``,
+    ``v`` [T, heads, D] gathered into ``layout``'s padded batch; [T, H, D] in row order."""
+    import torch
+
+    from tunelab.models.attention import matmul_attention
+
+    b, w = layout.allowed.shape[0], layout.width
+    rows = _rows_function()
+
+    def batch(x):  # [T, heads, D] -> [B, heads, W, D]
+        picked = rows.apply(x, layout.slots, layout.back, False)
+        return picked.view(b, w, *x.shape[1:]).transpose(1, 2)
+
+    zero, never = torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype)
+    bias = torch.where(layout.allowed, zero, never)  # additive, in the scores' dtype
+    out, _ = matmul_attention(module, batch(q), batch(k), batch(v), bias, scaling=scaling,
+                              dropout=dropout, **kwargs)  # fmt: skip
+    return rows.apply(out.view(b * w, *out.shape[2:]), layout.back, layout.owners, True)
+
+
+@functools.cache
+def _rows_function():
+    import torch
+
+    class Rows(torch.autograd.Function):
+        """``x[index]`` whose gradient is gathered too — ``grad[inverse]`` (``pad``: with a zero
+        row appended, where ``inverse`` points past the end) — instead of scattered into zeros
+        with additions: exact here, because a padding slot's gradient is zero (its key is
+        masked out, its query row's output is never put back)."""
+
+        @staticmethod
+        def forward(ctx, x, index, inverse, pad):
+            ctx.save_for_backward(inverse)
+            ctx.pad = pad
+            return x.index_select(0, index)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (inverse,) = ctx.saved_tensors
+            if ctx.pad:
+                grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
+            return grad.index_select(0, inverse), None, None, None
+
+    return Rows
 
 
 def _by_document(query, key, value, bounds: list[int], scaling) -> torch.Tensor:

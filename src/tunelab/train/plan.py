@@ -201,6 +201,17 @@ def flops_per_token(model_config: dict, method, train: list[TokenizedExample],
     )  # fmt: skip
 
 
+def _packing(setting: str, placement, objective, steps, model_config: dict, method):
+    """(``train.packing``'s decision and why, whether packed rows run by document, the multiple
+    batch widths are padded to) on the placement's device."""
+    device = placement.device.type
+    by_document = varlen.by_document(placement.device, placement.compute_dtype)
+    pad_to = pad_multiple(device, placement.precision)
+    decision = choose_packing(setting, objective, steps, model_config, method.trains_base,
+                              by_document, pad_to, device)  # fmt: skip
+    return decision, by_document, pad_to
+
+
 def _attention(cfg: Config, placement, by_document: bool, packed: bool, seqs: list,
                budget: int | None) -> str:  # fmt: skip
     """The attention implementation to train with: the varlen one for packed rows with a
@@ -264,17 +275,15 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
     total = steps.total_steps(t.epochs, t.max_steps)
     replay, rehearsal = plan_replay(cfg, tokenizer, train, steps, total)
     eval_steps = t.eval_steps or max(1, steps.steps_per_epoch // 10)
-    by_document = varlen.kernel_available(placement.device, placement.compute_dtype)
-    packing = choose_packing(
-        t.packing, objective, steps, model_config, method.trains_base, by_document
-    )
+    packing, by_document, pad_to = _packing(t.packing, placement, objective, steps,
+                                            model_config, method)  # fmt: skip
     # every check is done: only now are the weights hashed (to fingerprint the run)
     fingerprint = run_fingerprint(cfg, read_weights=read_weights or resume is not None)
     checkpoint, notes = resume_point(run_dir, fingerprint) if resume is not None else (None, [])
     check_format(checkpoint, distributed[0])
     if objective.can_pack:
         objective.pack = packing[0]
-    objective.pad_to = pad_multiple(placement.device.type, placement.precision)
+    objective.pad_to = pad_to
     attention = _attention(cfg, placement, packing[0] and by_document, packing[0], train + val,
                            getattr(steps, "max_tokens", None))  # fmt: skip
     device = placement.device.type

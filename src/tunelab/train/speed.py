@@ -139,15 +139,21 @@ def pad_multiple(device: str, precision: str) -> int | None:
 #: the margin covers what the FLOP count leaves out (a longer row can move a CPU from eager
 #: attention to SDPA, ~20 % slower a step on the default model)
 PACK_MAX_COST = 0.8
-#: ... and with a varlen kernel (a GPU), whose packed rows cost only their real tokens: any
-#: padding worth removing
+#: ... and with the flash varlen kernel (a GPU), whose packed rows cost only their real tokens:
+#: any padding worth removing
 PACK_MAX_COST_VARLEN = 0.98
+#: ... and by document on a CPU (the gathered matmuls, models/varlen.py): 16 % fewer tokens made
+#: the default model's Alpaca-like steps only ~4 % faster (docs/speed.md), so a CPU packs where
+#: the padding is far larger than what sorting leaves
+PACK_MAX_COST_CPU = 0.8
 
 
 def choose_packing(setting: str, objective, steps: StepPlan, model_config: dict,
-                   trains_base: bool, by_document: bool = False) -> tuple[bool, str]:  # fmt: skip
+                   trains_base: bool, by_document: bool = False, pad_to: int | None = None,
+                   device: str = "cuda") -> tuple[bool, str]:  # fmt: skip
     """(pack each micro-batch into one row?, why) for ``train.packing``. ``by_document``: a
-    varlen attention kernel will run packed rows (each document's attention alone)."""
+    varlen attention will run packed rows (each document's attention alone); ``pad_to``: the
+    multiple rows' widths are padded to; ``device``: where (a CPU packs less readily)."""
     if setting == "off":
         return False, ""
     if not objective.can_pack:
@@ -157,26 +163,28 @@ def choose_packing(setting: str, objective, steps: StepPlan, model_config: dict,
         return False, ""
     if setting == "on":
         return True, "packing: on"
-    padded, packed = packing_costs(steps, model_config, trains_base, by_document)
+    padded, packed = packing_costs(steps, model_config, trains_base, by_document, pad_to)
     if padded is None:
         return False, "packing: auto: off (this model family cannot be sized)"
-    verdict = (
-        "on"
-        if packed <= (PACK_MAX_COST_VARLEN if by_document else PACK_MAX_COST) * padded
-        else "off"
-    )
+    if device == "cpu" or not by_document:
+        limit = PACK_MAX_COST_CPU if device == "cpu" and by_document else PACK_MAX_COST
+    else:
+        limit = PACK_MAX_COST_VARLEN
+    verdict = "on" if packed <= limit * padded else "off"
     kernel = ", varlen attention" if by_document else ""
     return verdict == "on", (f"packing: auto: {verdict} (packed rows {packed / padded:.0%} of "
                              f"the padded batches' FLOPs{kernel})")  # fmt: skip
 
 
 def packing_costs(
-    steps: StepPlan, model_config: dict, trains_base: bool, by_document: bool = False
-):
+    steps: StepPlan, model_config: dict, trains_base: bool, by_document: bool = False,
+    pad_to: int | None = None,
+):  # fmt: skip
     """(padded, packed) training FLOPs of the first epoch's micro-batches: padded, each row is
     as long as the longest of its micro-batch; packed, one row of them all whose attention
-    spans the whole row — or, ``by_document``, each sequence's own length (a varlen kernel).
-    (None, None) for a model family that cannot be sized."""
+    spans the whole row — or, ``by_document``, each sequence's own length (varlen attention).
+    Either row's width is rounded up to a multiple of ``pad_to``. (None, None) for a model
+    family that cannot be sized."""
     try:
         shape = model_shape(model_config)
     except ModelError:
@@ -185,13 +193,18 @@ def packing_costs(
     def cost(tokens: int, span: int) -> float:
         return tokens * shape.train_flops_per_token(trains_base=trains_base, adapter=0, s_eff=span)
 
+    def padding(tokens: int) -> int:
+        return -tokens % pad_to if pad_to else 0
+
     padded = packed = 0.0
     for step in steps.epoch(0):
         for micro in step:
             lengths = [steps.lengths[i] for i in micro]
-            padded += cost(len(lengths) * max(lengths), max(lengths))
+            width = max(lengths) + padding(max(lengths))
+            padded += cost(len(lengths) * width, width)
+            fill = padding(sum(lengths))  # the last sequence's padding (data/collate.py::pack)
             if by_document:
-                packed += sum(cost(n, n) for n in lengths)
+                packed += sum(cost(n, n) for n in lengths) + cost(fill, lengths[-1] + fill)
             else:
-                packed += cost(sum(lengths), sum(lengths))
+                packed += cost(sum(lengths) + fill, sum(lengths) + fill)
     return padded, packed

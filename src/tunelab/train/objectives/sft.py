@@ -55,7 +55,9 @@ class SFT:
 
     def collate(self, examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
         seqs = [t.seq for t in examples]
-        return pack(seqs) if self.pack else collate(seqs, pad_id, pad_to_multiple_of=self.pad_to)
+        if self.pack:
+            return pack(seqs, pad_id, self.pad_to)
+        return collate(seqs, pad_id, pad_to_multiple_of=self.pad_to)
 
     def weight(self, batch: Batch) -> float:
         from tunelab.models.nll import target_weights
