@@ -56,9 +56,7 @@ GATHER_WIDTH = 32
 class Gathered(NamedTuple):
     """Where a packed row's T tokens sit in a padded batch of its B documents, W wide."""
 
-    slots: (
-        torch.Tensor
-    )  # [B * W] int64: the row's token in each slot (padding: the document's first)
+    slots: torch.Tensor  # [B * W] int64: each slot's token (padding: its document's first)
     back: torch.Tensor  # [T] int64: each token's slot
     allowed: torch.Tensor  # [B, 1, W, W] bool: causal within the document, its real keys only
     owners: torch.Tensor  # [B * W] int64: the token each slot holds, T for a padding slot

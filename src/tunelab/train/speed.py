@@ -166,10 +166,10 @@ def choose_packing(setting: str, objective, steps: StepPlan, model_config: dict,
     padded, packed = packing_costs(steps, model_config, trains_base, by_document, pad_to)
     if padded is None:
         return False, "packing: auto: off (this model family cannot be sized)"
-    if device == "cpu" or not by_document:
-        limit = PACK_MAX_COST_CPU if device == "cpu" and by_document else PACK_MAX_COST
+    if not by_document:
+        limit = PACK_MAX_COST
     else:
-        limit = PACK_MAX_COST_VARLEN
+        limit = PACK_MAX_COST_CPU if device == "cpu" else PACK_MAX_COST_VARLEN
     verdict = "on" if packed <= limit * padded else "off"
     kernel = ", varlen attention" if by_document else ""
     return verdict == "on", (f"packing: auto: {verdict} (packed rows {packed / padded:.0%} of "
