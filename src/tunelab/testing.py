@@ -114,10 +114,20 @@ def tiny_tokenizer(kind: str = "chatml"):
     raise ValueError(f"unknown tiny tokenizer kind {kind!r}")
 
 
+#: the tiny Gemma 3's sliding window (tokens a query sees, itself included)
+SLIDING_WINDOW = 4
+
+
 def tiny_model(tokenizer, *, arch: str = "llama", seed: int = 0, layers: int = 2):
     """A randomly initialised 2-layer, 64-wide causal LM sized to ``tokenizer`` (fp32, CPU)."""
     import torch
-    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        Qwen2Config,
+    )
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -131,6 +141,10 @@ def tiny_model(tokenizer, *, arch: str = "llama", seed: int = 0, layers: int = 2
         config = Qwen2Config(**common, tie_word_embeddings=True)
     elif arch == "gemma":
         config = GemmaConfig(**common, head_dim=16)
+    elif arch == "gemma3":  # a sliding window of 4 tokens on every layer but the last
+        kinds = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+        config = Gemma3TextConfig(**common, head_dim=16, sliding_window=SLIDING_WINDOW,
+                                  layer_types=kinds, query_pre_attn_scalar=16)  # fmt: skip
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
     torch.manual_seed(seed)

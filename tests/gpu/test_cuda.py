@@ -51,9 +51,10 @@ def test_qlora_loads_and_trains(tmp_path):
     assert (run / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_varlen_kernel_equals_attention_by_document():
+@pytest.mark.parametrize("window", [None, 16])
+def test_varlen_kernel_equals_attention_by_document(window):
     """torch's flash varlen kernel over a packed row = causal SDPA per document (forward and
-    gradients, bf16 tolerance), with grouped k/v heads."""
+    gradients, bf16 tolerance), with grouped k/v heads, within a sliding window too."""
     import torch
 
     from tunelab.models import varlen
@@ -67,9 +68,9 @@ def test_varlen_kernel_equals_attention_by_document():
     k = torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, _ = varlen.varlen_attention(None, q, k, v, None, scaling=0.125, cu_seq_lens_q=cu,
-                                     max_length_q=max(lengths))  # fmt: skip
+                                     max_length_q=max(lengths), sliding_window=window)  # fmt: skip
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-    want = varlen._by_document(q, k, v, cu.tolist(), 0.125)[None]
+    want = varlen._by_document(q, k, v, cu.tolist(), 0.125, window)[None]
     want_grads = torch.autograd.grad(want.float().square().sum(), (q, k, v))
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
     for got, exp in zip(grads, want_grads, strict=True):

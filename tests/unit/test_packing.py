@@ -36,6 +36,13 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _assert_same_grads(got, want):
+    """Equal up to fp32 summation order: 1e-4 relative, 1e-6 of the tensor's largest entry."""
+    for name, g in want.items():
+        atol = 1e-6 * max(1.0, g.abs().max().item())
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=atol, msg=name)
+
+
 def test_a_packed_row_is_the_sequences_back_to_back():
     rng = np.random.default_rng(0)
     seqs = [_seq(rng, n, 50) for n in (5, 3, 4)]
@@ -83,12 +90,13 @@ def test_the_gathered_layout_puts_each_token_in_its_documents_slot():
     assert torch.equal(layout.slots[layout.back], torch.arange(12))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("widest", [None, 8])
-def test_gathered_rows_filled_to_a_multiple_train_as_the_padded_batch(monkeypatch, widest):
+def test_gathered_rows_filled_to_a_multiple_train_as_the_padded_batch(monkeypatch, widest, arch):
     """On a CPU a packed row's attention runs gathered by document (the grouped matmuls) — or,
     past the widest row they may take, SDPA per document — with the same loss and gradients
-    as the padded batch, the row's filling included."""
-    model, vocab = _model("llama")
+    as the padded batch, the row's filling and a sliding window (gemma3) included."""
+    model, vocab = _model(arch)
     rng = np.random.default_rng(4)
     seqs = [_seq(rng, n, vocab) for n in (11, 4, 13, 6, 1)]
     model.set_attn_implementation("eager")
@@ -103,8 +111,7 @@ def test_gathered_rows_filled_to_a_multiple_train_as_the_padded_batch(monkeypatc
     packed_loss, packed_grads = _loss_and_grads(model, pack(seqs, 0, pad_to=16))
     assert calls["gathered" if widest is None else "by_document"] > 0 and 0 in calls.values()
     assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
-    for name, g in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_grads(packed_grads, padded_grads)
 
 
 def _counted(fn, calls, name):
@@ -115,7 +122,20 @@ def _counted(fn, calls, name):
     return counted
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_the_tiny_gemma3s_sliding_window_changes_its_loss():
+    """The sliding-window cases below test something: documents longer than the window
+    train differently with it than without it."""
+    model, vocab = _model("gemma3")
+    rng = np.random.default_rng(1)
+    batch = collate([_seq(rng, n, vocab) for n in (9, 4, 13, 6)], 0)
+    windowed = _loss_and_grads(model, batch)[0]
+    model.config.sliding_window = 64  # longer than any of the sequences
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = layer.self_attn.sliding_window and 64
+    assert _loss_and_grads(model, batch)[0].item() != pytest.approx(windowed.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gemma3"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa", matmul.NAME, varlen.NAME])
 def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
     model, vocab = _model(arch)
@@ -128,8 +148,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(arch, attention):
     model.set_attn_implementation(attention)
     packed_loss, packed_grads = _loss_and_grads(model, pack(seqs))
     assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
-    for name, g in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_grads(packed_grads, padded_grads)
 
 
 @pytest.mark.parametrize("attention", ["eager", matmul.NAME, varlen.NAME])
@@ -147,8 +166,7 @@ def test_a_sequence_in_a_packed_row_does_not_see_its_neighbours(attention):
     alone = _loss_and_grads(model, collate([mine], 0))
     for loss, grads in results:
         assert loss.item() == pytest.approx(alone[0].item(), rel=1e-5)
-        for name, g in alone[1].items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        _assert_same_grads(grads, alone[1])
 
 
 class _Objective:

@@ -123,35 +123,38 @@ def kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      cu_seq_lens_q=None, max_length_q=None, position_ids=None,
-                     tunelab_layout=None, **kwargs):  # fmt: skip
+                     tunelab_layout=None, sliding_window=None, **kwargs):  # fmt: skip
     """transformers' attention interface: ``query`` [1, H, T, D], ``key``/``value``
-    [1, H_kv, T, D] of one packed row; returns ([1, T, H, D], None)."""
+    [1, H_kv, T, D] of one packed row; returns ([1, T, H, D], None). ``sliding_window``
+    (a local layer's, transformers' meaning): a query sees the keys fewer than that many
+    tokens back, itself included."""
     import torch
 
     if query.shape[0] != 1:
         raise ValueError(f"{NAME} takes one packed row, got a batch of {query.shape[0]}")
     if cu_seq_lens_q is None:  # not handed down: found from the position ids
         cu_seq_lens_q, max_length_q = documents(position_ids)
+    window = sliding_window if sliding_window and sliding_window < max_length_q else None
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     if kernel_available(q.device, q.dtype):
         from torch.nn.attention.varlen import varlen_attn
 
         cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
         out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_length_q,
-                          max_length_q, scale=scaling, window_size=(-1, 0),
+                          max_length_q, scale=scaling, window_size=((window or 0) - 1, 0),
                           enable_gqa=k.shape[1] != q.shape[1])  # fmt: skip
     elif q.device.type == "cpu":
         layout = gathered(cu_seq_lens_q) if tunelab_layout is None else tunelab_layout
         if layout.width > MATMUL_MAX_LEN:  # the probabilities would grow with the square
-            out = _by_document(query, key, value, cu_seq_lens_q.tolist(), scaling)
+            out = _by_document(query, key, value, cu_seq_lens_q.tolist(), scaling, window)
         else:
-            out = _gathered(module, q, k, v, layout, scaling, dropout, **kwargs)
+            out = _gathered(module, q, k, v, layout, scaling, dropout, window, **kwargs)
     else:
-        out = _by_document(query, key, value, cu_seq_lens_q.tolist(), scaling)
+        out = _by_document(query, key, value, cu_seq_lens_q.tolist(), scaling, window)
     return out[None], None
 
 
-def _gathered(module, q, k, v, layout: Gathered, scaling, dropout, **kwargs) -> torch.Tensor:
+def _gathered(module, q, k, v, layout: Gathered, scaling, dropout, window, **kwargs):
     """The grouped matmul attention (models/attention.py) over the row's tokens ``q``, ``k``,
     ``v`` [T, heads, D] gathered into ``layout``'s padded batch; [T, H, D] in row order."""
     import torch
@@ -166,10 +169,33 @@ def _gathered(module, q, k, v, layout: Gathered, scaling, dropout, **kwargs) -> 
         return picked.view(b, w, *x.shape[1:]).transpose(1, 2)
 
     zero, never = torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype)
-    bias = torch.where(layout.allowed, zero, never)  # additive, in the scores' dtype
+    allowed = layout.allowed if window is None else _within(layout.allowed, window)
+    bias = torch.where(allowed, zero, never)  # additive, in the scores' dtype
     out, _ = matmul_attention(module, batch(q), batch(k), batch(v), bias, scaling=scaling,
                               dropout=dropout, **kwargs)  # fmt: skip
     return rows.apply(out.view(b * w, *out.shape[2:]), layout.back, layout.owners, True)
+
+
+def _within(allowed: torch.Tensor, window: int) -> torch.Tensor:
+    """``allowed`` [B, 1, W, W] narrowed to the keys fewer than ``window`` back. A padding
+    query row (its own slot not allowed) keeps its keys: no softmax row may be empty."""
+    import torch
+
+    idx = torch.arange(allowed.shape[-1])
+    near = idx[:, None] - idx[None, :] < window
+    real = allowed.diagonal(dim1=-2, dim2=-1)[..., None]  # [B, 1, W, 1]
+    return allowed & (near | ~real)
+
+
+def _band(length: int, window: int | None, device) -> torch.Tensor | None:
+    """The causal mask of one document, [L, L] bool, when ``window`` narrows it; else None."""
+    import torch
+
+    if window is None or length <= window:
+        return None
+    idx = torch.arange(length, device=device)
+    diff = idx[:, None] - idx[None, :]
+    return (diff >= 0) & (diff < window)
 
 
 @functools.cache
@@ -198,17 +224,18 @@ def _rows_function():
     return Rows
 
 
-def _by_document(query, key, value, bounds: list[int], scaling) -> torch.Tensor:
-    """Causal SDPA over each document of the row alone; [T, H, D]."""
+def _by_document(query, key, value, bounds: list[int], scaling, window=None) -> torch.Tensor:
+    """Causal SDPA over each document of the row alone (within ``window``); [T, H, D]."""
     import torch
     import torch.nn.functional as F
 
     gqa = key.shape[1] != query.shape[1]
-    parts = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                       is_causal=True, scale=scaling, enable_gqa=gqa)
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ]  # fmt: skip
+    parts = []
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        band = _band(e - s, window, query.device)
+        parts.append(F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=band,
+            is_causal=band is None, scale=scaling, enable_gqa=gqa))  # fmt: skip
     return torch.cat(parts, dim=2)[0].transpose(0, 1)
 
 
