@@ -213,6 +213,25 @@ def test_packed_training_follows_the_padded_run(tmp_path, model_dir, data_file):
     assert json.loads((runs["off"] / "result.json").read_text())["packed"] is False
 
 
+def test_the_plan_quotes_a_packed_runs_compile_as_train_decides_it(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    """train.packing=on on a CPU trains through the varlen attention, a graph of its own:
+    `tunelab plan` weighs that graph's cache, not the padded attention's."""
+    from tunelab.models import varlen
+    from tunelab.train.plan import build_plan
+    from tunelab.train.speed import remember_compiled
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    cfg = config(tmp_path, model_dir, data_file, "train.packing=on", "model.precision=fp32")
+    plan = build_plan(cfg, read_weights=False)
+    assert plan.attention == varlen.NAME
+    remember_compiled(plan.compile_key)
+    decision = build_plan(cfg, read_weights=False).compile
+    assert "compiled before" in decision[1], decision
+    assert make_quote(cfg).compile == decision
+
+
 def test_on_a_cpu_each_micro_batch_gets_the_attention_of_its_width(
     tmp_path, model_dir, data_file, monkeypatch
 ):

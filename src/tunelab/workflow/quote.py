@@ -24,7 +24,7 @@ from tunelab.config.schema import Config
 from tunelab.data.pipeline import load_examples
 from tunelab.errors import ConfigError, ModelError
 from tunelab.files import atomic_write_json, file_sha256
-from tunelab.models import catalog
+from tunelab.models import catalog, varlen
 from tunelab.models.device import (
     cpu_training_precision,
     cuda_available,
@@ -158,8 +158,12 @@ def compile_decision(
     cfg: Config, model_config: dict, shape: ModelShape, data: DataShape, device: str, flops: float
 ) -> tuple[bool, str]:
     """What ``train.compile`` would decide for this run here — the rule and the layer graph's
-    name that ``tunelab train`` uses (train/speed.py), from the quote's FLOPs."""
+    name that ``tunelab train`` uses (train/speed.py), from the quote's FLOPs. A CPU runs
+    ``packing: on`` by document (models/varlen.py), a graph of its own; whether ``auto`` packs,
+    or a GPU has the varlen kernel, needs the step plan or torch, which the quote does without."""
     attention = training_attention(device, data.max_len)
+    if cfg.train.packing == "on" and device == "cpu":
+        attention = varlen.NAME
     precision = training_precision(cfg, device, shape.hidden)
     key = compile_key(model_config, cfg.method.model_dump(), precision, device, attention)
     return choose_compile(cfg.train.compile, flops, device, key, layer_graphs(attention))
