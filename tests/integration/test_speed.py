@@ -58,6 +58,20 @@ def test_lora_under_autocast_skips_peft_casts_and_changes_no_number(tmp_path, mo
     assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
 
 
+def test_eager_cpu_training_writes_out_the_norms_and_compiled_leaves_them(
+    tmp_path, model_dir, data_file
+):
+    from tunelab.train.plan import build_plan
+    from tunelab.train.recipe import load
+
+    for setting, written in (("off", 2 * 2 + 1), ("on", 0)):  # 2 layers: two each + the last
+        plan = build_plan(config(tmp_path / setting, model_dir, data_file,
+                                 f"train.compile={setting}"), read_weights=False)  # fmt: skip
+        model = load(plan)
+        norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+        assert sum("forward" in m.__dict__ for m in norms) == written, setting
+
+
 def test_compiled_layers_train_as_the_eager_ones(tmp_path, model_dir, data_file, monkeypatch):
     """train.compile=on (each decoder layer compiled in place) gives the eager run's losses and
     weights, and its checkpoints keep the parameter names. It compiles one graph, once: the

@@ -28,6 +28,7 @@ from tunelab.models.device import batch_attention, device_name, two_attentions
 from tunelab.models.load import load_weights
 from tunelab.models.methods import count_parameters
 from tunelab.models.nll import split_head
+from tunelab.models.norms import fuse_rms_norms
 from tunelab.train.distributed import same_parameters, shard
 from tunelab.train.doctor import write_doctor
 from tunelab.train.guards import TrainingStopped, is_oom, out_of_memory_message
@@ -99,6 +100,8 @@ def load(plan: RunPlan) -> torch.nn.Module:
         model.set_attn_implementation(attention.NAME)
         if two_attentions(plan.attention):
             attention_by_width(model)
+    if placement.device.type == "cpu" and not plan.compile[0]:
+        fuse_rms_norms(model)  # fewer passes over memory in eager (compile fuses on its own)
     if plan.cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
