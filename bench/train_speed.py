@@ -128,10 +128,14 @@ def main() -> None:
             args.config = str(alpaca_config(ROOT / args.config, work))
         steps = prepare(args.config, args.steps + args.warmup, work)
         peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
-        results = {name: median_run([run_child(name, work, args) for _ in range(args.repeats)], args)
-                   for name in names}  # fmt: skip
+        # in rounds, every contender once a round: a pair of runs sees the same hour of a
+        # machine whose speed drifts (this project's VM: ±30 % between runs minutes apart)
+        rounds = [
+            {name: run_child(name, work, args) for name in names} for _ in range(args.repeats)
+        ]
+        results = {name: median_run([r[name] for r in rounds], args) for name in names}
         flops = model_flops(args.config)  # while a generated config still exists
-    report(results, steps, peaks, flops, args)
+    report(results, steps, peaks, flops, args, rounds)
 
 
 def prepare(config: str, steps: int, work: Path) -> list[dict]:
@@ -238,7 +242,8 @@ def median_run(runs: list[dict], args) -> dict:
     return {**runs[best], "spread": [min(speeds), max(speeds)]}
 
 
-def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) -> None:
+def report(results: dict, steps: list[dict], peaks: dict, flops: float, args,
+           rounds: list[dict]) -> None:  # fmt: skip
     base, w = results.get("hf"), args.warmup
     gpu = gpu_name()
     print(f"\nmachine: {gpu or cpu_name()}, {os.cpu_count()} CPU cores; {versions()}")
@@ -273,6 +278,7 @@ def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) ->
             "whole run, first steps and compilation included, hf-shuffled's seconds / each's: "
             + ", ".join(f"{name} {whole / sum(r['seconds']):.2f}" for name, r in results.items())
         )
+    round_ratios(rounds, w)
     for name, r in results.items():
         if "orders" in r:
             key = "order_budget" if name == "tunelab-budget" else "order"
@@ -290,7 +296,26 @@ def report(results: dict, steps: list[dict], peaks: dict, flops: float, args) ->
                   f"over {len(rel)} steps {mean_a:.4f} vs {mean_b:.4f} ({mean_a / mean_b - 1:+.2%}); "
                   f"mean per-step |Δ|/loss {statistics.mean(rel):.2%}")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "peaks": peaks}, indent=1))
+        speeds = [{name: _speed(r, w) for name, r in one.items()} for one in rounds]
+        Path(args.json).write_text(json.dumps({"results": results, "peaks": peaks,
+                                               "rounds": speeds}, indent=1))  # fmt: skip
+
+
+def round_ratios(rounds: list[dict], warmup: int) -> None:
+    """With repeats, each contender's speed over each baseline's in the same round, and their
+    median: steadier than the ratio of the medians when the machine's speed drifts."""
+    if len(rounds) < 2:
+        return
+    for base in ("hf-shuffled", "hf"):
+        if base not in rounds[0]:
+            continue
+        parts = []
+        for name in rounds[0]:
+            if name != base:
+                ratios = [_speed(r[name], warmup) / _speed(r[base], warmup) for r in rounds]
+                listed = ", ".join(f"{x:.2f}" for x in ratios)
+                parts.append(f"{name} {listed} (median {statistics.median(ratios):.2f})")
+        print(f"× {base} round by round: " + "; ".join(parts))
 
 
 def _speed(r: dict, warmup: int) -> float:

@@ -4,6 +4,7 @@ the tiny shape, so the first lent GPU spends its minutes measuring, not debuggin
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_gpu_mode_runs_on_a_cpu_with_the_tiny_shape(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "bench/train_speed.py", "--shape", "tiny", "--steps", "2", "--warmup", "1",
-         "--contenders", "tunelab,hf", "--json", str(out)],
+         "--contenders", "tunelab,hf", "--repeats", "2", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,3 +52,8 @@ def test_gpu_mode_runs_on_a_cpu_with_the_tiny_shape(tmp_path):
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| tunelab |"))
     cells = dict(zip(header.split("|"), row.split("|"), strict=True))
     assert float(cells[" whole run s "]) == round(sum(results["tunelab"]["seconds"]), 1)
+    rounds = json.loads(out.read_text())["rounds"]  # each contender once a round
+    ratios = [r["tunelab"] / r["hf"] for r in rounds]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("× hf round by round"))
+    assert line == (f"× hf round by round: tunelab {ratios[0]:.2f}, {ratios[1]:.2f} "
+                    f"(median {statistics.median(ratios):.2f})")  # fmt: skip
