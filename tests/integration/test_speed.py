@@ -205,18 +205,21 @@ def test_forgetting_check_compares_like_with_like_when_training_picks_bf16(
         assert len(before) == (1 if picks == "bf16" else 0)  # the base reloaded only for bf16
 
 
-def test_packed_training_follows_the_padded_run(tmp_path, model_dir, data_file):
-    """train.packing=on (each micro-batch one row) trains the same run as padded batches: the
-    same losses step by step to rounding, and result.json says it packed."""
+def test_packed_training_follows_the_padded_run(tmp_path, model_dir, data_file, monkeypatch):
+    """train.packing=on (each micro-batch one row) trains the same run as padded batches, eager
+    and with its layers compiled (the varlen attention traced, its per-forward mask cache left
+    alone): the same losses step by step to rounding, and result.json says it packed."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # this test's own
     runs = {}
-    for packing in ("off", "on"):
-        cfg = config(tmp_path / packing, model_dir, data_file, f"train.packing={packing}",
-                     "model.precision=fp32")  # fmt: skip
-        runs[packing] = finetune(cfg, log=quiet)
-    padded, packed = ([r["loss"] for r in losses(runs[p])] for p in ("off", "on"))
+    for name, packing, compiled in (("off", "off", "off"), ("on", "on", "off"),
+                                    ("compiled", "on", "on")):  # fmt: skip
+        cfg = config(tmp_path / name, model_dir, data_file, f"train.packing={packing}",
+                     f"train.compile={compiled}", "model.precision=fp32")  # fmt: skip
+        runs[name] = finetune(cfg, log=quiet)
+    padded, packed, compiled = ([r["loss"] for r in losses(runs[p])] for p in runs)
     assert len(packed) == 6 and packed[-1] != packed[0]
-    for a, b in zip(padded, packed, strict=True):
-        assert abs(a - b) <= 1e-4 * a, (padded, packed)
+    for a, b, c in zip(padded, packed, compiled, strict=True):
+        assert abs(a - b) <= 1e-4 * a and abs(a - c) <= 1e-4 * a, (padded, packed, compiled)
     result = json.loads((runs["on"] / "result.json").read_text())
     assert result["packed"] is True
     from tunelab.train.plan import build_plan
