@@ -1,5 +1,6 @@
-"""LoRA's scale-and-add as one addmm (models/methods/lora.py::fuse_scale_and_add): PEFT's
-numbers, and PEFT's own forward wherever the layer is not plain LoRA."""
+"""A plain LoRA layer's forward (models/methods/lora_forward.py): the scale-and-add as one addmm,
+siblings' A products as one — PEFT's numbers, and PEFT's own forward wherever the layer is not
+plain LoRA."""
 
 import pytest
 import torch
@@ -88,3 +89,68 @@ def test_dora_and_dropout_run_pefts_forward(kw):
     _peft_forward(model)
     torch.manual_seed(0)
     torch.testing.assert_close(fused, model(input_ids=ids).logits.detach(), rtol=0, atol=0)
+
+
+def _layers(model):
+    from peft.tuners.lora.layer import Linear
+
+    return {n.rsplit(".", 1)[-1] + n.split("layers.")[1].split(".")[0]: m
+            for n, m in model.named_modules() if type(m) is Linear}  # fmt: skip
+
+
+def test_siblings_make_their_a_products_in_one():
+    """q, k, v (and gate, up) of a layer share one A product: their lora_A modules are never
+    called in a training forward, o_proj's and down_proj's are, and the loss and gradients are
+    PEFT's (the test above); the grouping is per parent module."""
+    model, ids = _lora()
+    layers = _layers(model)
+    groups = {k: m.__dict__.get("tunelab_siblings") for k, m in layers.items()}
+    assert groups["q_proj0"] is groups["k_proj0"] is groups["v_proj0"] is not None
+    assert groups["gate_proj0"] is groups["up_proj0"] is not None
+    assert groups["q_proj0"] is not groups["q_proj1"] and groups["o_proj0"] is None
+    called = []
+    for key, layer in layers.items():
+        layer.lora_A["default"].register_forward_hook(lambda *_, key=key: called.append(key))
+    _loss_and_grads(model, ids, autocast=True)
+    assert sorted({k[:-1] for k in called}) == ["down_proj", "o_proj"]
+    assert all(g is None or g._input is None for g in groups.values())  # nothing held after
+
+
+def test_a_sibling_that_is_not_plain_lora_leaves_the_others_their_own_products():
+    """v_proj with dropout runs PEFT's forward: q and k do not stack its A weights in with
+    theirs, nothing is left held, and the output is PEFT's."""
+    from torch import nn
+
+    model, ids = _lora()
+    layers = _layers(model)
+    for i in (0, 1):
+        layers[f"v_proj{i}"].lora_dropout["default"] = nn.Dropout(0.3)
+    model.train()
+    torch.manual_seed(0)
+    fused = model(input_ids=ids).logits.detach()
+    groups = {id(g): g for m in layers.values() if (g := m.__dict__.get("tunelab_siblings"))}
+    assert all(g._input is None for g in groups.values())
+    _peft_forward(model)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fused, model(input_ids=ids).logits.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_siblings_called_out_of_turn_get_their_own_product():
+    """A member called on another input, twice on one input, or after an optimizer step changed
+    the A weights (in place) gets exactly the product PEFT's forward gives it then."""
+    model, _ = _lora()
+    layers = _layers(model)
+    q, k, v = (layers[f"{n}_proj0"] for n in "qkv")
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(2, 7, q.in_features, generator=g) for _ in range(2))
+
+    def peft(layer, x):
+        return type(layer).forward(layer, x)
+
+    with torch.no_grad():
+        for layer, x in ((q, x1), (k, x2), (v, x1), (q, x1), (q, x1), (k, x1)):
+            torch.testing.assert_close(layer(x), peft(layer, x), rtol=1e-6, atol=1e-6)
+        q(x2)  # the group now holds k's and v's parts of x2
+        v.lora_A["default"].weight.add_(0.5)  # an optimizer step between the calls
+        torch.testing.assert_close(v(x2), peft(v, x2), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k(x2), peft(k, x2), rtol=1e-6, atol=1e-6)
