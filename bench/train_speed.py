@@ -14,6 +14,7 @@ tunelab's own run logs a checksum of each step's examples, compared here ("batch
 Contenders (LoRA as the config sets it; the first step is timed apart):
   tunelab       the config as written (its prompt_loss_weight, its precision)
   tunelab-compile  the same with train.compile=on (auto compiles short runs only when cached)
+  tunelab-eager   the same with train.compile=off (what auto's compiling bought, in long runs)
   tunelab-cached  the defaults on a machine where a run of the same layer graph compiled
                 before (an untimed 1-step compiled run first, into the same inductor cache):
                 auto then compiles runs of 10+ steps on a CPU (train/speed.py)
@@ -79,6 +80,7 @@ SAME_SCHEDULE = ("train.warmup_ratio=0",)
 CONTENDERS = (
     "tunelab",
     "tunelab-compile",
+    "tunelab-eager",
     "tunelab-cached",
     "tunelab-plw0",
     "tunelab-fp32",
@@ -386,8 +388,8 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
                  "train.keep=last"]  # fmt: skip
     if name == "tunelab-plw0":
         overrides += ["data.prompt_loss_weight=0", "model.precision=fp32"]
-    if name == "tunelab-compile":
-        overrides.append("train.compile=on")
+    if name in ("tunelab-compile", "tunelab-eager"):
+        overrides.append(f"train.compile={'on' if name == 'tunelab-compile' else 'off'}")
     if name == "tunelab-budget":
         overrides.append(f"train.micro_batch_tokens={budget(load_config(ROOT / config))}")
     if name in ("tunelab-fp32", "tunelab-bf16"):
