@@ -27,13 +27,25 @@ def test_a_token_budget_keeps_each_steps_sequences_in_fewer_fuller_micro_batches
             for mb in b:
                 width = max(lengths[i] for i in mb)
                 assert len(mb) * width <= 400 or len(mb) == 1
-            for first in b[:-1]:  # none could have taken the next one in
-                assert (len(first) + 1) * lengths[first[0]] > 400
+            for k, first in enumerate(b[:-1]):  # none could have taken the next one in,
+                spared = k == len(b) - 2 and len(b[-1]) == 2  # but the row it gave the last
+                assert (len(first) + 1 + spared) * lengths[first[0]] > 400
+            assert len(b[-1]) > 1 or len(b) == 1 or len(b[-2]) <= 2  # no last row alone
             fewer += len(b) < len(a)
     assert fewer > 0
     assert [10] in [mb for step in budgeted.epoch(0) for mb in step]  # the long one alone
     assert budgeted.epoch(1) == plans(400)[2].epoch(1)  # a pure function of seed and epoch
     assert budgeted.step(9) == (1, budgeted.epoch(1)[1])
+
+
+def test_a_last_sequence_left_alone_takes_one_from_the_micro_batch_before():
+    """Greedy cuts of 8 sequences under 4 x 100 tokens: 7 fit in one micro-batch, the 8th would
+    run alone (a one-row shape, a graph of its own when compiled); it takes the 7th instead."""
+    lengths = [57, 57, 56, 56, 55, 55, 54, 40]
+    plan = StepPlan(lengths, micro_batch_size=4, grad_accum=2, seed=0, max_tokens=400)
+    assert plan.regroup([[0, 1, 2, 3], [4, 5, 6, 7]]) == [[0, 1, 2, 3, 4, 5], [6, 7]]
+    two = StepPlan([90, 80, 10], micro_batch_size=2, grad_accum=1, seed=0, max_tokens=180)
+    assert two.regroup([[0, 1], [2]]) == [[0, 1], [2]]  # two rows cannot spare one
 
 
 def test_out_of_memory_advice_names_the_token_budget_when_one_is_set():
