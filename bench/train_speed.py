@@ -77,6 +77,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: with warmup the curves differ by a step; without it both follow the same cosine (no change
 #: to the speed)
 SAME_SCHEDULE = ("train.warmup_ratio=0",)
+#: contenders that set train.compile
+COMPILE = {"tunelab-compile": "on", "tunelab-eager": "off"}
 CONTENDERS = (
     "tunelab",
     "tunelab-compile",
@@ -388,8 +390,8 @@ def run_tunelab(name: str, work: Path, config: str, steps: int) -> dict:
                  "train.keep=last"]  # fmt: skip
     if name == "tunelab-plw0":
         overrides += ["data.prompt_loss_weight=0", "model.precision=fp32"]
-    if name in ("tunelab-compile", "tunelab-eager"):
-        overrides.append(f"train.compile={'on' if name == 'tunelab-compile' else 'off'}")
+    if name in COMPILE:
+        overrides.append(f"train.compile={COMPILE[name]}")
     if name == "tunelab-budget":
         overrides.append(f"train.micro_batch_tokens={budget(load_config(ROOT / config))}")
     if name in ("tunelab-fp32", "tunelab-bf16"):
