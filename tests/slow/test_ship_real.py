@@ -90,9 +90,10 @@ def test_gemma3_gguf_reads_back_through_transformers(tmp_path, dtype, spread):
     out = tmp_path / f"gemma-{dtype}.gguf"
     write_gguf(model, tokenizer, out, dtype=dtype)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
-    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     text = "The capital of France is Paris.  Two  spaces, digits 12345 and émigré."
-    assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    if dtype == "f32":  # the tokenizer is written the same whatever the weights' type (~15 s)
+        back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+        assert back_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         expected, got = model(ids).logits, back(ids).logits
