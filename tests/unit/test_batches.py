@@ -40,12 +40,19 @@ def test_a_token_budget_keeps_each_steps_sequences_in_fewer_fuller_micro_batches
 
 def test_a_last_sequence_left_alone_takes_one_from_the_micro_batch_before():
     """Greedy cuts of 8 sequences under 4 x 100 tokens: 7 fit in one micro-batch, the 8th would
-    run alone (a one-row shape, a graph of its own when compiled); it takes the 7th instead."""
+    run alone (a one-row shape, a graph of its own when compiled); it takes the 7th instead.
+    Without a budget, and with replay, a step's last row alone takes one the same way."""
     lengths = [57, 57, 56, 56, 55, 55, 54, 40]
     plan = StepPlan(lengths, micro_batch_size=4, grad_accum=2, seed=0, max_tokens=400)
     assert plan.regroup([[0, 1, 2, 3], [4, 5, 6, 7]]) == [[0, 1, 2, 3, 4, 5], [6, 7]]
     two = StepPlan([90, 80, 10], micro_batch_size=2, grad_accum=1, seed=0, max_tokens=180)
     assert two.regroup([[0, 1], [2]]) == [[0, 1], [2]]  # two rows cannot spare one
+
+    fixed = StepPlan([50] * 9, micro_batch_size=4, grad_accum=3, seed=0, group_by_length=False)
+    (step,) = fixed.epoch(0)  # no budget: 4 + 4 + 1 rows, the last alone, would be
+    assert [len(mb) for mb in step] == [4, 3, 2] and sorted(sum(step, [])) == list(range(9))
+    replay = StepPlan([50] * 9, micro_batch_size=4, grad_accum=3, seed=0, replay_per_step=3)
+    assert [len(mb) for mb in replay.epoch(0)[0]] == [4, 3, 2]  # 9 task rows, pool not attached
 
 
 def test_out_of_memory_advice_names_the_token_budget_when_one_is_set():

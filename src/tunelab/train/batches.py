@@ -88,7 +88,9 @@ class StepPlan:
             ]
         micro = [order[i : i + self.mbs] for i in range(0, len(order), self.mbs)]
         steps = [micro[i : i + self.ga] for i in range(0, len(micro), self.ga)]
-        return [self.regroup(step) for step in steps] if self.max_tokens else steps
+        if self.max_tokens:
+            return [self.regroup(step) for step in steps]
+        return [_no_lone_last_row(step) for step in steps]
 
     def _epoch_with_replay(self, epoch: int) -> list[list[list[int]]]:
         """Each step: ``task_per_step`` task examples (shuffled per epoch), longest first, then
@@ -104,7 +106,7 @@ class StepPlan:
                 task.sort(key=lambda i: -self.lengths[i])
             seqs = task + (self.replayed(epoch * self.steps_per_epoch + j) if self.replay else [])
             micro = [seqs[i : i + self.mbs] for i in range(0, len(seqs), self.mbs)]
-            steps.append(self.regroup(micro) if self.max_tokens else micro)
+            steps.append(self.regroup(micro) if self.max_tokens else _no_lone_last_row(micro))
         return steps
 
     def replayed(self, global_step: int) -> list[int]:
@@ -126,19 +128,16 @@ class StepPlan:
 
     def regroup(self, step: list[list[int]]) -> list[list[int]]:
         """The step's sequences, longest first, cut into micro-batches of at most
-        ``max_tokens`` padded tokens (a longer single sequence gets a micro-batch alone). A last
-        sequence left alone takes the shortest of the micro-batch before it when that one can
-        spare it: a compiled layer graph treats one row as a shape of its own (torch
-        specialises sizes 0 and 1), and a new graph at the end of a run cost ~20 s."""
+        ``max_tokens`` padded tokens (a longer single sequence gets a micro-batch alone), with
+        no lone last row where the micro-batch before can spare one (:func:`_no_lone_last_row`;
+        the row it gives is no wider than its own, so the budget holds)."""
         out: list[list[int]] = []
         for i in sorted((i for micro in step for i in micro), key=lambda j: -self.lengths[j]):
             if out and (len(out[-1]) + 1) * self.lengths[out[-1][0]] <= self.max_tokens:
                 out[-1].append(i)
             else:
                 out.append([i])
-        if len(out) > 1 and len(out[-1]) == 1 and len(out[-2]) > 2:
-            out[-1].insert(0, out[-2].pop())  # no wider than its row before: within budget
-        return out
+        return _no_lone_last_row(out)
 
     def progress(self, global_step: int) -> float:
         """Epochs done once step ``global_step`` (0-based) is: 1.5 halfway through the second."""
@@ -153,3 +152,13 @@ class StepPlan:
         """(epoch, micro-batches) of a global step, 0-based."""
         epoch, within = divmod(global_step, self.steps_per_epoch)
         return epoch, self.epoch(epoch)[within]
+
+
+def _no_lone_last_row(step: list[list[int]]) -> list[list[int]]:
+    """A step whose last micro-batch is one row takes the last row of the micro-batch before
+    it when that one keeps two or more: a compiled layer graph treats one row as a shape of its
+    own (torch specialises sizes 0 and 1), and a new graph at the end of a run cost ~20 s. The
+    step's rows, and so its gradient, stay the same."""
+    if len(step) > 1 and len(step[-1]) == 1 and len(step[-2]) > 2:
+        step[-1].insert(0, step[-2].pop())
+    return step
