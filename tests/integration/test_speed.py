@@ -78,11 +78,14 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path, model_dir, data_file,
     frozen embeddings' first layer stays eager, validation runs the eager code, floats are not
     traced as symbols (no restarted trace). Afterwards the graph is marked as cached: auto's
     next decision for the same graph weighs the cached cost."""
+    import statistics
+
     import torch
     import torch._dynamo.utils as dynamo
 
     from tests.integration.runs import final_weights
     from tunelab.train.plan import build_plan
+    from tunelab.train.speed import measured_rates
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # this test's own
     runs = {}
@@ -106,9 +109,18 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path, model_dir, data_file,
     for method_r in (4, 8):  # the same graph, and another LoRA rank's
         cfg = config(tmp_path / f"auto-{method_r}", model_dir, data_file, "model.precision=fp32",
                      f"method.r={method_r}")  # fmt: skip
-        decision = build_plan(cfg, read_weights=False).compile
+        plan = build_plan(cfg, read_weights=False)
+        decision = plan.compile
         assert decision[0] is False, decision  # a tiny model's few seconds: never worth it
         assert ("compiled before" in decision[1]) is (method_r == 4), decision
+        assert ("measured here" in decision[1]) is (method_r == 4), decision
+        rates = measured_rates(plan.compile_key)  # each run's steady FLOP/s
+        assert list(rates) == (["eager", "compiled"] if method_r == 4 else []), rates
+        if method_r == 4:  # each the median real tokens/s after step 1 x FLOPs per token
+            for setting, kind in (("off", "eager"), ("on", "compiled")):
+                steps = [r["tokens_per_s"] for r in losses(runs[setting])]
+                expected = statistics.median(steps[1:]) * plan.flops_per_token()
+                assert rates[kind] == round(expected), (kind, steps)
         assert make_quote(cfg).compile == decision  # tunelab plan says what train will do
 
 
@@ -162,6 +174,34 @@ def test_compile_auto_weighs_the_seconds_it_saves_against_its_cost(tmp_path, mon
     remember_compiled("two")
     assert choose_compile("auto", seconds(34), "cpu", "two", graphs=2)[0] is False
     assert choose_compile("auto", seconds(35), "cpu", "two", graphs=2)[0] is True
+
+
+def test_compile_auto_decides_by_the_rates_this_machine_measured(tmp_path, monkeypatch):
+    """Runs of a layer graph record their steady FLOP/s, eager and compiled; auto's estimate
+    then takes them instead of its assumptions (~180 GFLOP/s eager, 29 % saved): a machine
+    twice as fast eager finds a cold compile no longer worth it for the same run."""
+    import shutil
+
+    from tunelab.train.speed import choose_compile, measured_rates, remember_rate
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return
+    flops = 100 * 180e9  # ~100 s eager at the assumed rate: cold compile pays (2 x 29 >= 53)
+    assert choose_compile("auto", flops, "cpu", "g")[0] is True
+    remember_rate("g", compiled=False, flops_per_s=360e9)  # an eager run measured 2x faster
+    assert measured_rates("g") == {"eager": 360e9}
+    assert choose_compile("auto", flops, "cpu", "g") == (
+        False, "compile: auto: off (~50 s of eager steps at ~360 GFLOP/s measured here, ~14 s saved; ~48 s cold, repaid over two runs)")  # fmt: skip
+    remember_rate("g", compiled=True, flops_per_s=400e9)  # compiled: 10 % less time, not 29 %
+    assert measured_rates("g") == {"eager": 360e9, "compiled": 400e9}
+    assert "~5 s saved" in choose_compile("auto", flops, "cpu", "g")[1]  # 50 - 45 s
+    remember_rate("c", compiled=True, flops_per_s=300e9 / 0.71)  # compiled alone: the eager
+    assert choose_compile("auto", flops, "cpu", "c") == (  # rate implied at the 29 % saving
+        False, "compile: auto: off (~60 s of eager steps at ~300 GFLOP/s from compiled steps measured here, ~17 s saved; ~48 s cold, repaid over two runs)")  # fmt: skip
+    (tmp_path / "inductor" / "tunelab-compiled" / "g.rates.json").write_text('{"eager": "x"}')
+    assert measured_rates("g") == {}  # unreadable: the assumptions again
+    assert choose_compile("auto", flops, "cpu", "g")[0] is True
 
 
 def test_compile_layers_compiles_every_decoder_layer_in_place(tmp_path, model_dir, data_file):

@@ -15,6 +15,7 @@ its state is a :class:`~tunelab.train.state.TrainState`, exactly what a checkpoi
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 import zlib
 from collections.abc import Callable
@@ -76,6 +77,7 @@ class Run:
 def train_loop(run: Run) -> Outcome:
     plan, state = run.plan, run.state
     started, tokens, last_loss, stop, first = time.perf_counter(), 0, None, False, state.step
+    rates = []  # each step's real tokens/s
     run.model.train()
     plan.method.on_step(run.model, state.step)
     if plan.cfg.train.eval_at_start and plan.val and state.step == 0:
@@ -85,6 +87,7 @@ def train_loop(run: Run) -> Outcome:
         guard(run, record)
         log_step(run, record)
         tokens += record["tokens"]
+        rates += [record["tokens_per_s"]] if record["tokens_per_s"] else []
         if not record.get("nan_skipped"):
             last_loss = record["loss"]
         eval_loss, improved, stop = evaluate_due(run)
@@ -92,7 +95,8 @@ def train_loop(run: Run) -> Outcome:
         if eval_loss is not None:
             doctor_watch(run)
     seconds = time.perf_counter() - started
-    return Outcome(state.step, last_loss, stop, seconds, tokens, state.step - first)
+    steady = statistics.median(rates[1:]) if len(rates) >= 3 else None
+    return Outcome(state.step, last_loss, stop, seconds, tokens, state.step - first, steady)
 
 
 def optimizer_step(run: Run) -> dict:

@@ -37,7 +37,7 @@ from tunelab.train.optim import Schedule, build_optimizer
 from tunelab.train.plan import RunPlan, describe_reference
 from tunelab.train.reference import setup_reference
 from tunelab.train.report import MetricsLog, plot_losses, write_summary
-from tunelab.train.speed import remember_compiled, use_inductor_cache
+from tunelab.train.speed import remember_compiled, remember_rate, use_inductor_cache
 from tunelab.train.stages import StagedSchedule
 from tunelab.train.state import Outcome, TrainState
 
@@ -195,8 +195,12 @@ def train(run: Run, log=print) -> Outcome:
     if run.plan.placement.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     outcome = train_loop(run)
-    if run.plan.compile[0] and outcome.steps_run and run.plan.compile_key:
-        remember_compiled(run.plan.compile_key)  # the next run of this graph loads it
+    plan = run.plan
+    if plan.compile[0] and outcome.steps_run and plan.compile_key:
+        remember_compiled(plan.compile_key)  # the next run of this graph loads it
+    per_token = plan.flops_per_token()
+    if outcome.step_rate and plan.compile_key and per_token and not plan.world.several:
+        remember_rate(plan.compile_key, plan.compile[0], outcome.step_rate * per_token)
     return outcome
 
 

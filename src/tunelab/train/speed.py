@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from tunelab.errors import ConfigError, ModelError
+from tunelab.files import atomic_write_json
 from tunelab.models.catalog import home
 from tunelab.models.device import two_attentions
 from tunelab.models.shape import model_shape
@@ -48,7 +49,8 @@ def choose_compile(
     compiles where the share compiling saves repays the compilation: within this run when the
     layer graph (``key``, :func:`compile_key`) is in the inductor cache already; cold, over this
     run and the next like it, which then finds the graph cached. ``graphs``: 2 where the run's
-    micro-batches use two attentions (a CPU's ``<matmul>+sdpa``), each a graph to compile."""
+    micro-batches use two attentions (a CPU's ``<matmul>+sdpa``), each a graph to compile. The
+    rates are this machine's where runs of the graph measured them (:func:`estimate`)."""
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if setting == "off":
         return False, ""
@@ -64,8 +66,7 @@ def choose_compile(
     if train_flops is None:
         return False, "compile: auto: off (the model's size is unknown: no estimate of the gain)"
     device = "cuda" if device == "cuda" else "cpu"
-    eager = train_flops / EAGER_FLOPS[device]
-    saved = COMPILE_SAVES[device] * eager
+    eager, saved, rate = estimate(train_flops, device, key)
     extra = graphs - 1  # a second graph costs less than the first: they share kernels
     cold = COMPILE_COST_S[device][0] + extra * SECOND_GRAPH_S[0]
     cached = COMPILE_COST_S[device][1] + extra * SECOND_GRAPH_S[1]
@@ -75,10 +76,32 @@ def choose_compile(
     else:
         pays, cost = 2 * saved >= cold + cached, f"~{cold:.0f} s cold{which}, repaid over two runs"
     verdict = "on" if pays else "off"
-    rate = EAGER_FLOPS[device]
-    rate = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"
-    return pays, (f"compile: auto: {verdict} (~{eager:.0f} s of eager steps at ~{rate}, "
+    return pays, (f"compile: auto: {verdict} (~{eager:.0f} s of eager steps at {rate}, "
                   f"~{saved:.0f} s saved; {cost})")  # fmt: skip
+
+
+def estimate(train_flops: float, device: str, key: str | None) -> tuple[float, float, str]:
+    """(eager seconds, seconds compiling saves, the eager rate in words) of ``train_flops``.
+    Where earlier runs of the layer graph ``key`` measured this machine's rates
+    (:func:`remember_rate`) they replace the assumptions: both, the measured saving; the
+    compiled one alone, the eager rate it implies at the assumed saving; the eager one alone,
+    the assumed saving of it. A CPU's eager rate and compiled saving differ between machines
+    by 2-3x (docs/speed.md: a Xeon with AMX and an AMD EPYC)."""
+    measured = measured_rates(key) if key is not None else {}
+    share = COMPILE_SAVES[device]
+    if "eager" in measured:
+        rate, how = measured["eager"], "measured here"
+    elif "compiled" in measured:
+        rate, how = measured["compiled"] * (1 - share), "from compiled steps measured here"
+    else:
+        rate, how = EAGER_FLOPS[device], ""
+    eager = train_flops / rate
+    if {"eager", "compiled"} <= measured.keys():
+        saved = max(0.0, eager - train_flops / measured["compiled"])
+    else:
+        saved = share * eager
+    words = f"{rate / 1e12:.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.0f} GFLOP/s"
+    return eager, saved, f"~{words}" + (f" {how}" if how else "")
 
 
 def layer_graphs(attention: str) -> int:
@@ -112,6 +135,29 @@ def use_inductor_cache() -> None:
 
 def compiled_before(key: str) -> bool:
     return (inductor_cache() / COMPILED_MARKS / key).is_file()
+
+
+def measured_rates(key: str) -> dict[str, float]:
+    """The training FLOP/s runs of layer graph ``key`` measured on this machine: ``eager``,
+    ``compiled``, either or none (an unreadable record counts as none)."""
+    try:
+        rates = json.loads((inductor_cache() / COMPILED_MARKS / f"{key}.rates.json").read_text())
+        return {k: float(rates[k]) for k in ("eager", "compiled") if rates.get(k, 0) > 0}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def remember_rate(key: str, compiled: bool, flops_per_s: float) -> None:
+    """Record a finished run's steady training FLOP/s for ``key`` (compiled or eager; the
+    newest replaces the last), for :func:`estimate`. A record that cannot be written only
+    means the next run decides by the assumptions."""
+    rates = measured_rates(key) | {"compiled" if compiled else "eager": flops_per_s}
+    with contextlib.suppress(OSError):
+        (inductor_cache() / COMPILED_MARKS).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            inductor_cache() / COMPILED_MARKS / f"{key}.rates.json",
+            {kind: round(rate) for kind, rate in rates.items()},
+        )
 
 
 def remember_compiled(key: str) -> None:

@@ -50,3 +50,6 @@ class Outcome:
     seconds: float  # in the loop, this process
     tokens: int  # trained on in this process
     steps_run: int  # optimizer steps this process ran (a resume runs only the missing ones)
+    #: real tokens/s of this process's steps after its first (which carries compilation and
+    #: warm-up), the median; None below three steps
+    step_rate: float | None = None
