@@ -49,7 +49,7 @@ def test_a_last_sequence_left_alone_takes_one_from_the_micro_batch_before():
     assert two.regroup([[0, 1], [2]]) == [[0, 1], [2]]  # two rows cannot spare one
 
     fixed = StepPlan([50] * 9, micro_batch_size=4, grad_accum=3, seed=0, group_by_length=False)
-    (step,) = fixed.epoch(0)  # no budget: 4 + 4 + 1 rows, the last alone, would be
+    (step,) = fixed.epoch(0)  # no budget: 4 + 4 + 1 rows would leave the last one alone
     assert [len(mb) for mb in step] == [4, 3, 2] and sorted(sum(step, [])) == list(range(9))
     replay = StepPlan([50] * 9, micro_batch_size=4, grad_accum=3, seed=0, replay_per_step=3)
     assert [len(mb) for mb in replay.epoch(0)[0]] == [4, 3, 2]  # 9 task rows, pool not attached
