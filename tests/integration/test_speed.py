@@ -395,3 +395,20 @@ def test_a_token_budget_trains_the_same_run_in_fewer_forwards(tmp_path, model_di
     auto = build_plan(config(tmp_path / "dpo-auto", model_dir, pairs, "train.micro_batch_tokens=auto",
                              "train.objective=dpo"), read_weights=False)  # fmt: skip
     assert auto.steps.max_tokens is None  # auto: where it applies (pairs stay in their rows)
+
+
+def test_the_cli_keeps_compiled_graphs_in_tunelabs_cache_though_transformers_set_another(
+    tmp_path,
+):
+    """Importing transformers makes torch fix TORCHINDUCTOR_CACHE_DIR at a /tmp default; the
+    tunelab command sets its own cache first, so `train` compiles, marks and measures where
+    `tunelab plan` (which imports no torch) looks."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TUNELAB_HOME"] = str(tmp_path)
+    code = "import os, tunelab.cli, transformers; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "inductor"), out.stderr[-2000:]

@@ -25,6 +25,12 @@ from tunelab.cli import serve as serve_cli
 from tunelab.cli import ship as ship_cli
 from tunelab.cli import train as train_cli
 from tunelab.errors import TunelabError
+from tunelab.train.speed import use_inductor_cache
+
+# torch's inductor fixes its cache folder the first time anything asks, and importing
+# transformers asks (it sets TORCHINDUCTOR_CACHE_DIR to a folder under /tmp): tunelab's cache,
+# where `train.compile: auto` and `tunelab plan` look, is set before the commands import it.
+use_inductor_cache()
 
 app = typer.Typer(
     name="tunelab",
