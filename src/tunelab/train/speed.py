@@ -141,7 +141,7 @@ def measured_rates(key: str) -> dict[str, float]:
     """The training FLOP/s runs of layer graph ``key`` measured on this machine: ``eager``,
     ``compiled``, either or none (an unreadable record counts as none)."""
     try:
-        rates = json.loads((inductor_cache() / COMPILED_MARKS / f"{key}.rates.json").read_text())
+        rates = json.loads(_rates_file(key).read_text())
         return {k: float(rates[k]) for k in ("eager", "compiled") if rates.get(k, 0) > 0}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
@@ -153,11 +153,13 @@ def remember_rate(key: str, compiled: bool, flops_per_s: float) -> None:
     means the next run decides by the assumptions."""
     rates = measured_rates(key) | {"compiled" if compiled else "eager": flops_per_s}
     with contextlib.suppress(OSError):
-        (inductor_cache() / COMPILED_MARKS).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            inductor_cache() / COMPILED_MARKS / f"{key}.rates.json",
-            {kind: round(rate) for kind, rate in rates.items()},
-        )
+        _rates_file(key).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_rates_file(key), {kind: round(r) for kind, r in rates.items()})
+
+
+def _rates_file(key: str) -> Path:
+    """Where :func:`remember_rate` keeps ``key``'s rates: beside the graph's cache marker."""
+    return inductor_cache() / COMPILED_MARKS / f"{key}.rates.json"
 
 
 def remember_compiled(key: str) -> None:
