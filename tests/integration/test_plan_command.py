@@ -217,6 +217,13 @@ def test_preference_pairs_double_the_batch_and_lower_the_lr(tmp_path, model_dir)
     full_dpo = make_quote(load_config(None, [*args, "method.name=full", "train.preference.precompute_ref=false"]),
                           history=tmp_path)  # fmt: skip
     assert full_dpo.memory.reference == full_dpo.memory.weights  # a frozen copy beside the model
+    # LoRA scores its reference (the adapter off) in every step: a forward more than precomputed
+    cached = make_quote(load_config(None, [*args, "train.preference.precompute_ref=true"]),
+                        history=tmp_path)  # fmt: skip
+    s, d = quote.shape, quote.data
+    forward = 2 * (s.linear_params + s.vocab * s.hidden * d.weighted_share)
+    forward += 2 * s.layers * s.heads * s.head_dim * d.s_eff
+    assert quote.flops_per_token - cached.flops_per_token == pytest.approx(forward)
     from tunelab.workflow.advise import advise
 
     lr = {a.setting: a.value for a in advise(quote)}["train.lr"]

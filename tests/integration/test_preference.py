@@ -10,10 +10,11 @@ import torch
 from tests.integration.runs import Interrupted, config, final_weights, halt_after, losses, quiet
 from tunelab.config.load import load_config
 from tunelab.models.run_folder import load_run
+from tunelab.models.shape import model_shape
 from tunelab.models.tokenizer import pad_id
 from tunelab.train import reference
 from tunelab.train.objectives.pairs import score
-from tunelab.train.plan import build_plan
+from tunelab.train.plan import build_plan, sequence_stats
 from tunelab.train.recipe import prepare, train
 from tunelab.workflow.finetune import finetune
 
@@ -152,6 +153,22 @@ def test_lora_dpo_holds_one_copy_of_the_base(tmp_path, model_dir, files):
         held[method] = _storage_bytes(run.model, *([copy] if copy is not None else []))
     assert base_bytes < held["lora"] < 1.1 * base_bytes  # the base once, plus small adapters
     assert held["full"] >= 2 * base_bytes  # what a frozen copy costs (what LoRA avoids)
+
+
+def test_a_reference_scored_every_step_counts_in_the_runs_flops(tmp_path, model_dir, files):
+    """What compile auto weighs and each run records as this machine's FLOP/s (train/speed.py):
+    a live reference's forward is work the step does, a precomputed one is not."""
+    plans = {p: build_plan(_cfg(tmp_path / p, model_dir, "dpo", files,
+                                f"train.preference.precompute_ref={p}"), read_weights=False)
+             for p in ("false", "true")}  # fmt: skip
+    live, cached = (plans[p].flops_per_token() for p in ("false", "true"))
+    shape = model_shape(plans["true"].model_config)
+    lengths, weighted = sequence_stats(plans["true"].train)
+    s_eff = sum(x * x for x in lengths) / sum(lengths)
+    forward = 2 * (shape.linear_params + shape.vocab * shape.hidden * weighted)
+    assert live - cached == pytest.approx(
+        forward + 2 * shape.layers * shape.heads * shape.head_dim * s_eff
+    )
 
 
 # -- continuing from a supervised run ----------------------------------------------------------

@@ -83,6 +83,8 @@ def test_flops_per_token_match_the_performance_table():
     assert with_attention - full == 6 * 16 * 2048 * 100
     half_head = llama.train_flops_per_token(trains_base=True, adapter=0, s_eff=0, head_share=0.5)
     assert full - half_head == 3 * 128256 * 2048
+    scored = llama.train_flops_per_token(trains_base=True, adapter=0, s_eff=100, reference=True)
+    assert scored - with_attention == 2 * llama.matmul_params + 2 * 16 * 2048 * 100  # a forward
 
 
 def test_unknown_family_is_named():

@@ -105,16 +105,20 @@ class ModelShape:
         s_eff: float,
         head_share: float = 1.0,
         recompute: bool = False,
+        reference: bool = False,
     ) -> float:
         """Training FLOPs per token (PERFORMANCE.md): 6N with the base trained, 4N + 6 N_adapter
         without; the LM head only for the share of tokens that carry loss weight; attention
-        6 · layers · q width · s_eff (s_eff = Σl²/Σl); gradient checkpointing adds a forward."""
+        6 · layers · q width · s_eff (s_eff = Σl²/Σl); gradient checkpointing adds a forward,
+        and so does a ``reference`` model scored in every step (DPO, KTO)."""
         head = self.vocab * self.hidden * head_share
         n = self.linear_params + head
         attention = 6 * self.layers * self.heads * self.head_dim * s_eff
         flops = (6 * n if trains_base else 4 * n + 6 * adapter) + attention
         if recompute:
             flops += 2 * self.linear_params + attention / 3
+        if reference:
+            flops += 2 * n + attention / 3
         return flops
 
 

@@ -129,7 +129,17 @@ class RunPlan:
         """Training FLOPs per real token of this run (PERFORMANCE.md's arithmetic); None for a
         model family tunelab cannot size."""
         return flops_per_token(self.model_config, self.method, self.train,
-                               self.cfg.model.gradient_checkpointing)  # fmt: skip
+                               self.cfg.model.gradient_checkpointing,
+                               live_reference(self.cfg, self.method, self.objective))  # fmt: skip
+
+    def run_flops(self) -> float | None:
+        """The training FLOPs of the whole run (what train.compile auto weighs); None for a
+        model family tunelab cannot size."""
+        per_token, t = self.flops_per_token(), self.cfg.train
+        per_step = (
+            statistics.mean(len(x.seq) for x in self.train) * t.micro_batch_size * t.grad_accum
+        )
+        return None if per_token is None else per_token * per_step * self.total_steps
 
     @property
     def train_tokens(self) -> int:
@@ -186,9 +196,10 @@ class RunPlan:
 
 
 def flops_per_token(model_config: dict, method, train: list[TokenizedExample],
-                    recompute: bool) -> float | None:  # fmt: skip
+                    recompute: bool, reference: bool = False) -> float | None:  # fmt: skip
     """Training FLOPs per real token (PERFORMANCE.md's arithmetic) of ``method`` on a model of
-    ``model_config`` over ``train``; None for a model family tunelab cannot size."""
+    ``model_config`` over ``train`` (``reference``: a reference model scored every step); None
+    for a model family tunelab cannot size."""
     try:
         shape = model_shape(model_config)
     except ModelError:
@@ -198,6 +209,7 @@ def flops_per_token(model_config: dict, method, train: list[TokenizedExample],
     return shape.train_flops_per_token(
         trains_base=method.trains_base, adapter=adapter,
         s_eff=sum(x * x for x in lengths) / sum(lengths), head_share=weighted, recompute=recompute,
+        reference=reference,
     )  # fmt: skip
 
 
@@ -224,16 +236,6 @@ def _attention(cfg: Config, placement, by_document: bool, packed: bool, seqs: li
     if packed:  # a packed row: the micro-batch's sequences end to end
         longest = max(longest, budget or sum(sorted(lengths)[-t.micro_batch_size :]))
     return training_attention(placement.device.type, longest)
-
-
-def run_flops(cfg: Config, model_config: dict, method, train: list[TokenizedExample],
-              total_steps: int) -> float | None:  # fmt: skip
-    """The training FLOPs of the whole run (what train.compile auto weighs); None for a model
-    family tunelab cannot size."""
-    per_token = flops_per_token(model_config, method, train, cfg.model.gradient_checkpointing)
-    t = cfg.train
-    per_step = statistics.mean(len(x.seq) for x in train) * t.micro_batch_size * t.grad_accum
-    return None if per_token is None else per_token * per_step * total_steps
 
 
 def sequence_stats(train: list[TokenizedExample]) -> tuple[list[int], float]:
@@ -288,8 +290,7 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
                            getattr(steps, "max_tokens", None))  # fmt: skip
     device = placement.device.type
     key = compile_key(model_config, cfg.method.model_dump(), placement.precision, device, attention)
-    flops = run_flops(cfg, model_config, method, train, total)
-    return RunPlan(
+    plan = RunPlan(
         cfg=cfg, run_dir=run_dir, resume_from=checkpoint, placement=placement,
         model_config=model_config, method=method,
         objective=objective, tokenizer=tokenizer, train=train, val=val, dropped=dropped,
@@ -297,11 +298,12 @@ def build_plan(cfg: Config, *, resume: Path | None = None, read_weights: bool = 
         steps=steps, total_steps=total, eval_steps=eval_steps, save_steps=t.save_steps or eval_steps,
         warmup_steps=warmup_steps(t, total), keep=_keep(cfg, val), fingerprint=fingerprint,
         notes=notes, objective_notes=objective_notes,
-        attention=attention, compile=choose_compile(t.compile, flops, device, key, layer_graphs(attention)),
-        compile_key=key,
+        attention=attention, compile_key=key,
         packing=packing, world=world, distributed=distributed, replay=replay,
         rehearsal=rehearsal,
     )  # fmt: skip
+    plan.compile = choose_compile(t.compile, plan.run_flops(), device, key, layer_graphs(attention))
+    return plan
 
 
 def step_plan(cfg: Config, objective, train: list, tokenizer) -> StepPlan | StagedSteps:
@@ -454,8 +456,18 @@ REFERENCE_FILE = "reference_logps.json"  # precomputed reference log-probabiliti
 
 
 def precomputes(plan: RunPlan) -> bool:
-    setting = plan.cfg.train.preference.precompute_ref
-    return setting is True or (setting == "auto" and plan.method.trains_base)
+    return _precomputes(plan.cfg, plan.method)
+
+
+def _precomputes(cfg: Config, method) -> bool:
+    setting = cfg.train.preference.precompute_ref
+    return setting is True or (setting == "auto" and method.trains_base)
+
+
+def live_reference(cfg: Config, method, objective) -> bool:
+    """Whether every training step also scores a reference model (not precomputed): a forward
+    more to count in the step's FLOPs."""
+    return objective.uses_reference and not _precomputes(cfg, method)
 
 
 def describe_reference(plan: RunPlan) -> str:

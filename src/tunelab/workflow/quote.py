@@ -38,7 +38,7 @@ from tunelab.models.shape import ModelShape, model_shape
 from tunelab.models.tokenizer import load_tokenizer
 from tunelab.train.batches import StepPlan
 from tunelab.train.objectives import get_objective
-from tunelab.train.plan import check_files, datasets, sequence_stats
+from tunelab.train.plan import check_files, datasets, live_reference, sequence_stats
 from tunelab.train.speed import choose_compile, compile_key, layer_graphs
 
 #: card -> (memory in GB, dense bf16 peak in TFLOP/s; the T4's is fp16, it has no bf16)
@@ -130,9 +130,11 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     runs_here = get_method(cfg.method).quantize_bits is None or machine == "cuda"
     here = machine if runs_here else "cuda"
     memory = estimate(shape, cfg, activity(cfg, data, here, hidden=shape.hidden))
+    method = get_method(cfg.method)
     fpt = shape.train_flops_per_token(
-        trains_base=get_method(cfg.method).trains_base, adapter=memory.trainable,
+        trains_base=method.trains_base, adapter=memory.trainable,
         s_eff=data.s_eff, head_share=data.weighted_share, recompute=cfg.model.gradient_checkpointing,
+        reference=live_reference(cfg, method, objective),
     )  # fmt: skip
     tokens = data.tokens * total / max(steps.steps_per_epoch, 1)
     history = history or Path(cfg.train.output_dir)
