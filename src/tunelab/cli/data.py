@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from tunelab.cli.progress import counting_bar
 from tunelab.config.load import flag_overrides, load_config
 from tunelab.config.schema import DataConfig
 
@@ -29,19 +29,12 @@ def _data_config(config: Path | None, overrides: list[str] | None = None, **flag
     return load_config(config, flag_overrides("data", **flags) + list(overrides or [])).data
 
 
-def _progress(console: Console, quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(), console=console, disable=quiet, transient=True,
-    )  # fmt: skip
-
-
 def _tokenize(examples, model: str, cfg: DataConfig, console: Console, quiet: bool):
     from tunelab.data.pipeline import tokenize_examples
     from tunelab.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    with _progress(console, quiet) as progress:
+    with counting_bar(console, quiet) as progress:
         task = progress.add_task("tokenizing", total=len(examples))
         report = tokenize_examples(examples, tokenizer, cfg, lambda n: progress.advance(task, n))
     return tokenizer, report

@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tunelab.cli.progress import counting_bar
 from tunelab.config.load import flag_overrides
 
 _OUT = typer.Option(Path("eval"), "--out", "-o", help="Evaluations are written to OUT/<name>/.")
@@ -45,13 +45,6 @@ def _rating_sheet(runs, folder: Path, prefix: str = "") -> tuple[Path, Path]:
         folder, [first[k]["prompt"] for k in keys], [first[k]["reference"] for k in keys],
         {run.name: [m[k]["prediction"] for k in keys] for run, m in zip(runs, by_run, strict=True)},
         prefix=prefix,
-    )  # fmt: skip
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=True,
     )  # fmt: skip
 
 
@@ -193,7 +186,7 @@ def eval_command(
     console = Console(stderr=True, highlight=False)
     loaded = load_target(target, _placement_override(cfg))
     label = name or _slug(target)
-    with _progress(quiet) as progress:
+    with counting_bar(console, quiet) as progress:
         task = progress.add_task(f"{'scoring pairs' if pairs else 'generating'} ({label})", total=len(examples))  # fmt: skip
 
         def advance(n: int) -> None:
@@ -289,7 +282,7 @@ def baseline_command(
     loaded = load_target(model, _placement_override(cfg))
     for k in counts:
         label = f"{prefix}-{k}shot"
-        with _progress(quiet) as progress:
+        with counting_bar(console, quiet) as progress:
             task = progress.add_task(f"generating ({label})", total=len(examples))
             meta = evaluate_examples(
                 loaded, examples, cfg.eval, out, name=label, data_label=str(data), shots=chosen[k],

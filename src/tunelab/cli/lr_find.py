@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tunelab.cli.progress import progress_bar
 
 
 def lr_find(
@@ -26,9 +28,9 @@ def lr_find(
         overrides, config = [str(config), *(overrides or [])], None
     cfg = load_config(config, overrides or [])
     console = Console(stderr=True, highlight=False)
-    bar = Progress(TextColumn("lr-find step {task.completed}/{task.total}"), BarColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=console, disable=quiet)  # fmt: skip
+    bar = progress_bar(TextColumn("lr-find step {task.completed}/{task.total}"), BarColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                       TimeRemainingColumn(), console=console, quiet=quiet)  # fmt: skip
     task = bar.add_task("lr-find", total=steps, info="")
 
     def on_step(step: int, total: int, lr: float, loss: float) -> None:

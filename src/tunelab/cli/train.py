@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tunelab.cli.progress import progress_bar
 
 
 def train(
@@ -60,10 +62,10 @@ def train(
         print(plan_finetune(cfg, resume=resume, read_weights=False, world=world).describe())
         return
     console = Console(stderr=True, highlight=False)
-    progress = Progress(
+    progress = progress_bar(
         TextColumn("step {task.completed}/{task.total}"), BarColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=quiet or not world.main,
+        console=console, quiet=quiet or not world.main,
     )  # fmt: skip
     task = None
     last_eval = ""
