@@ -128,9 +128,19 @@ class RunPlan:
     def flops_per_token(self) -> float | None:
         """Training FLOPs per real token of this run (PERFORMANCE.md's arithmetic); None for a
         model family tunelab cannot size."""
-        return flops_per_token(self.model_config, self.method, self.train,
-                               self.cfg.model.gradient_checkpointing,
-                               live_reference(self.cfg, self.method, self.objective))  # fmt: skip
+        try:
+            shape = model_shape(self.model_config)
+        except ModelError:
+            return None
+        lengths, weighted = sequence_stats(self.train)
+        method = self.method
+        return shape.train_flops_per_token(
+            trains_base=method.trains_base,
+            adapter=0 if method.trains_base else method.trainable_params(shape),
+            s_eff=sum(x * x for x in lengths) / sum(lengths), head_share=weighted,
+            recompute=self.cfg.model.gradient_checkpointing,
+            reference=live_reference(self.cfg, method, self.objective),
+        )  # fmt: skip
 
     def run_flops(self) -> float | None:
         """The training FLOPs of the whole run (what train.compile auto weighs); None for a
@@ -193,24 +203,6 @@ class RunPlan:
         rows += [("resume", note) for note in self.notes]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def flops_per_token(model_config: dict, method, train: list[TokenizedExample],
-                    recompute: bool, reference: bool = False) -> float | None:  # fmt: skip
-    """Training FLOPs per real token (PERFORMANCE.md's arithmetic) of ``method`` on a model of
-    ``model_config`` over ``train`` (``reference``: a reference model scored every step); None
-    for a model family tunelab cannot size."""
-    try:
-        shape = model_shape(model_config)
-    except ModelError:
-        return None
-    lengths, weighted = sequence_stats(train)
-    adapter = 0 if method.trains_base else method.trainable_params(shape)
-    return shape.train_flops_per_token(
-        trains_base=method.trains_base, adapter=adapter,
-        s_eff=sum(x * x for x in lengths) / sum(lengths), head_share=weighted, recompute=recompute,
-        reference=reference,
-    )  # fmt: skip
 
 
 def _packing(setting: str, placement, objective, steps, model_config: dict, method):
@@ -455,11 +447,8 @@ def datasets(cfg: Config, tokenizer, examples, val_examples):
 REFERENCE_FILE = "reference_logps.json"  # precomputed reference log-probabilities
 
 
-def precomputes(plan: RunPlan) -> bool:
-    return _precomputes(plan.cfg, plan.method)
-
-
-def _precomputes(cfg: Config, method) -> bool:
+def precomputes(cfg: Config, method) -> bool:
+    """Whether the reference's values are computed once before training (``precompute_ref``)."""
     setting = cfg.train.preference.precompute_ref
     return setting is True or (setting == "auto" and method.trains_base)
 
@@ -467,13 +456,13 @@ def _precomputes(cfg: Config, method) -> bool:
 def live_reference(cfg: Config, method, objective) -> bool:
     """Whether every training step also scores a reference model (not precomputed): a forward
     more to count in the step's FLOPs."""
-    return objective.uses_reference and not _precomputes(cfg, method)
+    return objective.uses_reference and not precomputes(cfg, method)
 
 
 def describe_reference(plan: RunPlan) -> str:
     if not plan.objective.uses_reference:
         return "none (the objective needs none)"
-    if precomputes(plan):
+    if precomputes(plan.cfg, plan.method):
         return f"precomputed once before training, cached in {REFERENCE_FILE}"
     if plan.method.trains_base:
         return "a frozen copy of the model (precompute_ref=false: twice the weights in memory)"

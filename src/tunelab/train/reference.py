@@ -35,7 +35,7 @@ def setup_reference(plan: RunPlan, model: torch.nn.Module, log=print) -> None:
     objective = plan.objective
     if not objective.uses_reference:
         return
-    if not precomputes(plan):
+    if not precomputes(plan.cfg, plan.method):
         objective.reference = frozen_copy(model) if plan.method.trains_base else adapter_disabled
         return
     path = plan.run_dir / REFERENCE_FILE

@@ -133,8 +133,13 @@ def use_inductor_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache()))
 
 
+def _marks() -> Path:
+    """The folder of tunelab's marks of compiled graphs, and their measured rates."""
+    return inductor_cache() / COMPILED_MARKS
+
+
 def compiled_before(key: str) -> bool:
-    return (inductor_cache() / COMPILED_MARKS / key).is_file()
+    return (_marks() / key).is_file()
 
 
 def measured_rates(key: str) -> dict[str, float]:
@@ -159,16 +164,15 @@ def remember_rate(key: str, compiled: bool, flops_per_s: float) -> None:
 
 def _rates_file(key: str) -> Path:
     """Where :func:`remember_rate` keeps ``key``'s rates: beside the graph's cache marker."""
-    return inductor_cache() / COMPILED_MARKS / f"{key}.rates.json"
+    return _marks() / f"{key}.rates.json"
 
 
 def remember_compiled(key: str) -> None:
     """Mark ``key``'s graph as in the cache (after a step ran compiled; a marker that cannot be
     written only means the next run decides as if cold)."""
     with contextlib.suppress(OSError):
-        folder = inductor_cache() / COMPILED_MARKS
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / key).touch()
+        _marks().mkdir(parents=True, exist_ok=True)
+        (_marks() / key).touch()
 
 
 #: On a CPU in bf16 every new batch width costs oneDNN new kernels (~1 MiB each, kept): with

@@ -115,7 +115,8 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
     objective = get_objective(cfg)
     model_config = load_model_config(cfg.model.name, need_weights=False)
     shape = model_shape(model_config, where=f"model.name {cfg.model.name}")
-    get_method(cfg.method).check_shape(shape)
+    method = get_method(cfg.method)
+    method.check_shape(shape)
     if cfg.stages:
         raise ConfigError("tunelab plan does not quote a run in stages yet; quote each stage's "
                           "data as data.path")  # fmt: skip
@@ -127,10 +128,9 @@ def make_quote(cfg: Config, *, history: Path | None = None) -> Quote:
                      grad_accum=t.grad_accum, seed=t.seed)  # fmt: skip
     total = steps.total_steps(t.epochs, t.max_steps)
     machine = _here()
-    runs_here = get_method(cfg.method).quantize_bits is None or machine == "cuda"
+    runs_here = method.quantize_bits is None or machine == "cuda"
     here = machine if runs_here else "cuda"
     memory = estimate(shape, cfg, activity(cfg, data, here, hidden=shape.hidden))
-    method = get_method(cfg.method)
     fpt = shape.train_flops_per_token(
         trains_base=method.trains_base, adapter=memory.trainable,
         s_eff=data.s_eff, head_share=data.weighted_share, recompute=cfg.model.gradient_checkpointing,
